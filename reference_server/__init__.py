@@ -1,0 +1,1 @@
+"""Reference NNsight activation-capture server (capture protocol v1)."""

@@ -1,0 +1,124 @@
+"""The FastAPI app, built by a factory from the state it is given.
+
+``create_app(settings)`` makes its own registry and store; tests pass their
+own. No module-level mutable state: two apps in one process do not share
+anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from .errors import CaptureError, NotReady
+from .registry import ModelRegistry
+from .schemas import ChatRequest, LoadRequest, PureRequest
+from .service import CaptureService
+from .settings import Settings
+from .storage import RunStore
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = "1"
+
+
+class Readiness:
+    """Whether the startup model is usable; set once by the loading thread."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.failure: str | None = None
+
+
+def create_app(
+    settings: Settings,
+    registry: ModelRegistry | None = None,
+    store: RunStore | None = None,
+    on_startup_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype)
+    store = store or RunStore(settings.storage_dir)
+    service = CaptureService(settings, registry, store)
+    readiness = Readiness()
+
+    def load_startup_model() -> None:
+        try:
+            if settings.model:
+                registry.load(settings.model)
+            readiness.ready.set()
+            log.info("ready: %s", registry.ids())
+        except CaptureError as exc:
+            readiness.failure = exc.detail
+            log.error("startup model failed to load: %s", exc.detail)
+            if on_startup_failure:
+                on_startup_failure(exc.detail)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background so /health can answer 503 while the model loads.
+        threading.Thread(target=load_startup_model, name="startup-load", daemon=True).start()
+        yield
+        registry.shutdown()
+
+    app = FastAPI(title="NNsight capture reference server", version=PROTOCOL_VERSION, lifespan=lifespan)
+    app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
+
+    @app.exception_handler(CaptureError)
+    async def capture_error(request: Request, exc: CaptureError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Log the traceback here; never send it.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    def require_ready() -> None:
+        if not readiness.ready.is_set():
+            raise NotReady(readiness.failure or "the startup model is still loading")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not readiness.ready.is_set():
+            body = {"status": "failed", "detail": readiness.failure} if readiness.failure else {"status": "loading"}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", "loaded_models": registry.ids(), "protocol": PROTOCOL_VERSION})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        require_ready()
+        return service.models_list()
+
+    @app.post("/models/load")
+    async def load_model(req: LoadRequest) -> dict:
+        require_ready()
+        import anyio
+
+        # Loading takes seconds to minutes: off the event loop.
+        await anyio.to_thread.run_sync(registry.load, req.model_id, req.device_map, req.dtype)
+        return {"ok": True, "model": req.model_id}
+
+    @app.post("/test_pure_nnsight")
+    async def test_pure_nnsight(req: PureRequest) -> dict:
+        require_ready()
+        return await service.pure_nnsight(req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> dict:
+        require_ready()
+        return await service.chat_completion(req)
+
+    @app.get("/v1/activations/{run_id}/{name}")
+    async def get_activation(run_id: str, name: str) -> FileResponse:
+        return FileResponse(store.file_path(run_id, name), media_type="application/octet-stream")
+
+    @app.delete("/v1/activations/{run_id}", status_code=204)
+    async def delete_run(run_id: str) -> Response:
+        store.delete_run(run_id)
+        return Response(status_code=204)
+
+    return app

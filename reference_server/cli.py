@@ -1,0 +1,76 @@
+"""``capture-server`` / ``python -m reference_server``: start the reference capture server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from fixtures.tiny_model import TINY_MODEL_ID
+
+from .settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capture-server",
+        description="NNsight activation-capture server speaking capture protocol v1 (see docs/protocol.md).",
+    )
+    parser.add_argument("--model", default=TINY_MODEL_ID,
+                        help=f"model to load at start: {TINY_MODEL_ID!r} (embedded, built locally), a local directory or a hub id (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8006, help="port (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the model runs; auto = cuda when available (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model weights' dtype; auto = float32 on CPU, bfloat16 on CUDA (default: %(default)s)")
+    parser.add_argument("--storage-dir", type=Path, default=Path("capture-storage"),
+                        help="where captured tensors are written, one directory per run (default: %(default)s)")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=4096,
+                        help="largest max_tokens a request may ask for (default: %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default: %(default)s)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        storage_dir=args.storage_dir,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from .app import create_app
+
+    server: uvicorn.Server | None = None
+
+    def stop_on_failure(reason: str) -> None:
+        # A server whose startup model cannot load is of no use: exit non-zero, not 503 forever.
+        if server is not None:
+            server.should_exit = True
+            server.startup_failed_reason = reason
+
+    app = create_app(settings, on_startup_failure=stop_on_failure)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(config)
+    server.startup_failed_reason = None
+    server.run()
+    if server.startup_failed_reason:
+        raise SystemExit(f"capture-server: startup model failed to load: {server.startup_failed_reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The nnsight core: the only module of the server that imports nnsight.
+
+It loads a model through ``nnsight.TransformersModel`` and runs one generation
+with per-step capture of any set of savepoints. Everything nnsight-specific
+lives here: the ``.save`` mount switched off, the execution order that keeps
+``OutOfOrderError`` impossible, the per-step loop, ``tracer.result``.
+
+Not thread-safe per model (nnsight 0.8 runs interventions as greenlets, and two
+traces on one model at once fail): callers serialise calls per model, see
+``registry.ModelWorker``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# ``import nnsight`` would otherwise mount ``.save`` on every Python object, which
+# breaks anyio's socket classes and with them every sync FastAPI endpoint.
+os.environ.setdefault("NNSIGHT_CONFIG", str(Path(__file__).with_name("nnsight_config.yaml")))
+
+import nnsight  # noqa: E402
+import torch  # noqa: E402
+from nnsight import TransformersModel  # noqa: E402
+
+from .errors import Unprocessable  # noqa: E402
+from .selectors import Selector  # noqa: E402
+
+
+def _ensure_save_unmounted() -> None:
+    """A user's own NNSIGHT_CONFIG may turn the mount back on: undo it."""
+    if hasattr(object(), "save"):
+        from nnsight import _c
+
+        _c.unmount("save")
+
+
+_ensure_save_unmounted()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    dtype: str
+    device: str
+
+
+@dataclass(frozen=True)
+class SavepointSite:
+    """Where a selector lands: its rank in execution order and the per-token shape."""
+
+    module_path: str
+    io: str
+    rank: int
+    feature_shape: tuple[int, ...]  # the value's shape after [batch, position]
+
+
+@dataclass(frozen=True)
+class PlannedSavepoint:
+    name: str
+    selector: Selector
+    site: SavepointSite
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # the generated ids only
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [1, T, ...] on CPU
+    hit_eos: bool = False
+
+
+def _first_tensor(value):
+    """Modules may return tuples (attention: output, weights): the first item is the value."""
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value
+
+
+class CaptureModel:
+    """One loaded model and what is known about its modules."""
+
+    def __init__(self, model_id: str, nn_model: TransformersModel):
+        self.model_id = model_id
+        self._nn = nn_model
+        self._module: torch.nn.Module = nn_model._module
+        self.tokenizer = nn_model.tokenizer
+        config = self._module.config
+        self.device = next(self._module.parameters()).device
+        self.dtype = next(self._module.parameters()).dtype
+        self.eos_token_ids = self._eos_ids()
+        self.sites = self._scan_sites()
+        lm_head = self.sites.get(("lm_head", "output"))
+        self.info = ModelInfo(
+            vocab_size=lm_head.feature_shape[-1] if lm_head else int(config.vocab_size),
+            hidden_size=int(getattr(config, "hidden_size", 0)),
+            num_layers=int(getattr(config, "num_hidden_layers", 0)),
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+        )
+
+    @classmethod
+    def load(cls, model_id: str, path: str, device: str = "auto", dtype: str = "auto") -> "CaptureModel":
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        else:
+            torch_dtype = DTYPES[dtype]
+        kwargs = {"dtype": torch_dtype}
+        if device != "cpu":
+            kwargs["device_map"] = device
+        nn_model = TransformersModel(path, task="text-generation", dispatch=True, **kwargs)
+        nn_model._module.eval()
+        return cls(model_id, nn_model)
+
+    def _eos_ids(self) -> set[int]:
+        ids = getattr(self._module.generation_config, "eos_token_id", None)
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        if ids is None:
+            return set()
+        return {int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])}
+
+    # -- module map ---------------------------------------------------------------
+
+    def _scan_sites(self) -> dict[tuple[str, str], SavepointSite]:
+        """Learn each module's execution order and per-token shape from one hooked forward.
+
+        nnsight raises OutOfOrderError when an invoke asks for a module the model has
+        already passed; sorting savepoints by this order makes that impossible. Only
+        values laid out ``[batch, position, ...]`` can be captured per token, so the
+        probe uses a sequence length no other dimension is likely to share.
+        """
+        probe_len = 7
+        sites: dict[tuple[str, str], SavepointSite] = {}
+        names = {module: name for name, module in self._module.named_modules()}
+        handles = []
+
+        def record(name: str, io: str, value) -> None:
+            if (name, io) in sites:
+                return  # a module run twice per forward keeps its first position
+            value = _first_tensor(value)
+            if not torch.is_tensor(value) or value.dim() < 2 or value.shape[:2] != (1, probe_len):
+                return
+            sites[(name, io)] = SavepointSite(name, io, len(sites), tuple(value.shape[2:]))
+
+        for module, name in names.items():
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda mod, args, kwargs, n=name: record(n, "input", args[0] if args else None),
+                    with_kwargs=True,
+                )
+            )
+            handles.append(module.register_forward_hook(lambda mod, args, out, n=name: record(n, "output", out)))
+        try:
+            ids = torch.zeros((1, probe_len), dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                self._module(input_ids=ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        sites.pop(("", "input"), None)  # the root takes ids, not activations
+        sites.pop(("", "output"), None)
+        return sites
+
+    def site(self, selector: Selector) -> SavepointSite:
+        found = self.sites.get((selector.module_path, selector.io))
+        if found is None:
+            known = self._module.get_submodule(selector.module_path) if self._is_module(selector.module_path) else None
+            why = "has no per-token tensor " + selector.io if known is not None else "names no module of this model"
+            raise Unprocessable(f"selector {selector.text!r} {why}")
+        return found
+
+    def _is_module(self, path: str) -> bool:
+        try:
+            self._module.get_submodule(path)  # walks _modules only: no attribute access
+            return True
+        except AttributeError:
+            return False
+
+    def savepoint_catalogue(self) -> list[str]:
+        """Selectors a client can ask for, in execution order."""
+        ordered = sorted(self.sites.values(), key=lambda s: s.rank)
+        return [f"{s.module_path}.{s.io}" if s.io == "input" else s.module_path for s in ordered]
+
+    def _envoy(self, module_path: str):
+        envoy = self._nn
+        for part in module_path.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy
+
+    # -- generation ---------------------------------------------------------------
+
+    def _generate_kwargs(self, params: GenerationParams) -> dict:
+        kwargs: dict = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self._pad_id()}
+        if params.temperature > 0:
+            # OpenAI has no top-k: switch off any top_k a model's generation_config brings.
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def _pad_id(self) -> int | None:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else next(iter(sorted(self.eos_token_ids)), None)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        savepoints: list[PlannedSavepoint],
+        tokens: str = "all",
+        capture_dtype: torch.dtype = torch.float32,
+    ) -> Generation:
+        """Generate from ``prompt_ids``, capturing each savepoint at every step's last position."""
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        if not savepoints:
+            with torch.inference_mode():
+                out = self._module.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                            **self._generate_kwargs(params))
+            return self._finish(out[0, len(prompt_ids):].tolist(), {})
+        ordered = sorted(savepoints, key=lambda sp: sp.site.rank)
+        sites = [(self._envoy(sp.site.module_path), sp.site.io) for sp in ordered]
+        steps = params.max_new_tokens
+        with warnings.catch_warnings():
+            # An open step loop ends when the model stops early (EOS, stop string);
+            # nnsight warns that the remaining steps were "never reached". Expected here.
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with self._nn.generate(**self._generate_kwargs(params)) as tracer:
+                captured = nnsight.save([[] for _ in ordered])
+                with tracer.invoke(input_ids):
+                    for _step in tracer.iter[:steps]:
+                        for slot, (envoy, io) in enumerate(sites):
+                            value = _first_tensor(envoy.output if io == "output" else envoy.input)
+                            # Clone: a slice is a view that would keep the whole step tensor alive.
+                            per_token = value[:, -1].detach().to(capture_dtype, copy=True)
+                            if tokens == "all" or not captured[slot]:
+                                captured[slot].append(per_token)
+                            elif tokens == "last":
+                                captured[slot][0] = per_token
+                # A second, empty invoke still runs when the loop above ended early.
+                with tracer.invoke():
+                    result = nnsight.save(tracer.result)
+        new_ids = result[0, len(prompt_ids):].tolist()
+        tensors = {}
+        for sp, steps_captured in zip(ordered, captured):
+            expected = len(new_ids) if tokens == "all" else 1
+            if len(steps_captured) != expected:
+                raise RuntimeError(
+                    f"captured {len(steps_captured)} steps of {sp.name!r} for {len(new_ids)} generated tokens"
+                )
+            tensors[sp.name] = torch.stack(steps_captured, dim=1).cpu()
+        return self._finish(new_ids, tensors)
+
+    def _finish(self, new_ids: list[int], tensors: dict[str, torch.Tensor]) -> Generation:
+        hit_eos = bool(new_ids) and new_ids[-1] in self.eos_token_ids
+        return Generation(token_ids=new_ids, tensors=tensors, hit_eos=hit_eos)

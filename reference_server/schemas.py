@@ -1,0 +1,64 @@
+"""Request bodies, validated by pydantic: a wrong type or value is a 422 naming the field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class NamedSavepoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\[\]\-]+$")
+    selector: str = Field(min_length=1, max_length=256)
+
+
+class CaptureOptions(BaseModel):
+    # Unknown capture fields are refused: a typo must not silently capture the default.
+    model_config = ConfigDict(extra="forbid")
+    savepoints: list[str | NamedSavepoint] | None = Field(default=None, min_length=1)
+    tokens: Literal["all", "first", "last"] = "all"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    format: Literal["pt", "safetensors"] = "pt"
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    # OpenAI clients send fields this server does not use (user, metadata, ...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    store_activations: bool = False
+    capture: CaptureOptions | None = None
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(min_length=1, max_length=512)
+    device_map: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+
+class PureRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str = "Hello"
+    max_new_tokens: int = Field(default=1, ge=1)

@@ -1,0 +1,54 @@
+"""Savepoint selectors: parsed as data, resolved by walking the module tree.
+
+A selector is a module path (``model.layers[3]``, ``model.layers.3.mlp``,
+``lm_head``), optionally ending in ``.output`` (default) or ``.input``; the
+alias ``logits`` means ``lm_head``. Selectors come from clients, so they are
+never evaluated and never resolved through ``getattr``: each step must name a
+registered child module (``Module._modules``), which keeps ``__class__``,
+``__import__('os')`` and friends out by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import Unprocessable
+
+ALIASES = {"logits": "lm_head"}
+_SEGMENT = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*|[0-9]+)(?P<index>(\[[0-9]+\])*)$")
+_INDEX = re.compile(r"\[([0-9]+)\]")
+MAX_SELECTOR_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A parsed selector: the module path (dotted, indices as path parts) and which side."""
+
+    text: str  # as the client wrote it
+    module_path: str  # canonical dotted path, e.g. "model.layers.3"
+    io: str  # "output" or "input"
+
+    @property
+    def canonical(self) -> str:
+        return f"{self.module_path}.{self.io}"
+
+
+def parse_selector(text: object) -> Selector:
+    if not isinstance(text, str) or not text:
+        raise Unprocessable(f"selector must be a non-empty string, got {text!r}")
+    if len(text) > MAX_SELECTOR_LENGTH:
+        raise Unprocessable(f"selector longer than {MAX_SELECTOR_LENGTH} characters")
+    parts = text.split(".")
+    io = "output"
+    if len(parts) > 1 and parts[-1] in ("output", "input"):
+        io = parts.pop()
+    parts = [ALIASES.get(parts[0], parts[0])] + parts[1:] if parts else parts
+    path: list[str] = []
+    for segment in parts:
+        match = _SEGMENT.match(segment)
+        if not match:
+            raise Unprocessable(f"invalid selector {text!r}: bad segment {segment!r}")
+        path.append(match.group("name"))
+        path.extend(_INDEX.findall(match.group("index")))
+    return Selector(text=text, module_path=".".join(path), io=io)

@@ -1,0 +1,176 @@
+"""What each capture endpoint does, between the web layer and the three seams.
+
+Validates a request against the loaded model (selectors, limits), renders the
+prompt (chat), runs the generation on the model's worker (nnsight core) and
+stores the tensors (storage). Returns plain dicts; knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from . import chat
+from .errors import BadRequest, Unprocessable
+from .registry import ModelRegistry
+from .schemas import ChatRequest, PureRequest
+from .selectors import parse_selector
+from .settings import Settings
+from .storage import RunStore
+
+DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}]
+
+
+class CaptureService:
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: RunStore):
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+
+    # -- validation -------------------------------------------------------------
+
+    def _max_tokens(self, requested: int | None) -> int:
+        limit = self.settings.max_new_tokens_limit
+        value = requested if requested is not None else min(self.settings.default_max_tokens, limit)
+        if value > limit:
+            raise Unprocessable(f"max_tokens {value} is over this server's limit of {limit} (--max-new-tokens-limit)")
+        return value
+
+    def _plan(self, model, savepoints) -> list:
+        from .nnsight_core import PlannedSavepoint
+
+        specs = savepoints if savepoints is not None else DEFAULT_SAVEPOINTS
+        planned, names, selectors = [], set(), set()
+        for spec in specs:
+            if isinstance(spec, str):
+                name, text = spec, spec
+            else:
+                name, text = (spec["name"], spec["selector"]) if isinstance(spec, dict) else (spec.name, spec.selector)
+            if name in names:
+                raise Unprocessable(f"duplicate savepoint name {name!r}")
+            if text in selectors:
+                raise Unprocessable(f"duplicate selector {text!r}")
+            names.add(name)
+            selectors.add(text)
+            selector = parse_selector(text)
+            planned.append(PlannedSavepoint(name=name, selector=selector, site=model.site(selector)))
+        return planned
+
+    # -- endpoints --------------------------------------------------------------
+
+    async def chat_completion(self, req: ChatRequest) -> dict:
+        if req.n != 1:
+            raise BadRequest(f"n={req.n} is not supported: this server returns exactly one choice (n=1)")
+        if req.stream:
+            raise BadRequest("stream=true is not supported by this server yet")
+        worker = self.registry.get(req.model)
+        model = worker.model
+        max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens)
+        stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
+        if any(not s for s in stop) or len(stop) > 4:
+            raise Unprocessable("stop takes at most 4 non-empty strings")
+        capture = req.capture
+        wants_capture = req.store_activations or capture is not None
+        options = capture.model_dump() if capture else {"savepoints": None, "tokens": "all", "dtype": "float32", "format": "pt"}
+        plan = self._plan(model, options["savepoints"]) if wants_capture else []
+        prompt_ids = chat.render_prompt(model.tokenizer, [m.model_dump() for m in req.messages])
+
+        from .nnsight_core import DTYPES, GenerationParams
+
+        params = GenerationParams(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=stop,
+        )
+        generation = await worker.run(
+            model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
+        )
+        completion = chat.complete(model.tokenizer, prompt_ids, generation.token_ids, generation.hit_eos, stop)
+        response = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": completion.usage,
+        }
+        if wants_capture:
+            response.update(self._store(generation, plan, options))
+        return response
+
+    def _store(self, generation, plan, options) -> dict:
+        run_id, stored = self.store.write_run(
+            generation.tensors,
+            options["format"],
+            extra={"completion_token_ids": generation.token_ids},
+        )
+        by_name = {sp.name: sp for sp in plan}
+        meta = {
+            name: {
+                "shape": f.shape,
+                "dtype": f.dtype,
+                "numel": f.numel,
+                "size_mb": f.size_mb,
+                "file_path": str(f.path),
+                "url": f"/v1/activations/{run_id}/{name}",
+                "selector": by_name[name].selector.text,
+                "tokens": options["tokens"],
+                "format": options["format"],
+            }
+            for name, f in stored.items()
+        }
+        return {
+            "activation_run_id": run_id,
+            "completion_token_ids": generation.token_ids,
+            "activations_meta": meta,
+        }
+
+    async def pure_nnsight(self, req: PureRequest) -> dict:
+        worker = self.registry.get(req.model)
+        model = worker.model
+        max_new = self._max_tokens(req.max_new_tokens)
+        from .nnsight_core import GenerationParams
+
+        prompt_ids = chat.encode_raw(model.tokenizer, req.prompt)
+        plan = self._plan(model, DEFAULT_SAVEPOINTS)
+        generation = await worker.run(
+            model.generate, prompt_ids, GenerationParams(max_new_tokens=max_new), plan, "all", model.dtype
+        )
+        logits = generation.tensors["_logits"]
+        return {
+            "success": True,
+            "logits_shape": list(logits.shape),
+            "logits_dtype": str(logits.dtype),
+            "generated_text": model.tokenizer.decode(generation.token_ids, skip_special_tokens=True),
+        }
+
+    def models_list(self) -> dict:
+        data = []
+        for worker in self.registry.workers():
+            model = worker.model
+            info = model.info
+            data.append(
+                {
+                    "id": model.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "capture-server",
+                    "capture": {
+                        "vocab_size": info.vocab_size,
+                        "hidden_size": info.hidden_size,
+                        "num_layers": info.num_layers,
+                        "dtype": info.dtype,
+                        "savepoints": model.savepoint_catalogue(),
+                    },
+                }
+            )
+        return {"object": "list", "data": data}

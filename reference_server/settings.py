@@ -1,0 +1,21 @@
+"""Server settings: one immutable object, made by the CLI or by a test, passed to the app factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fixtures.tiny_model import TINY_MODEL_ID
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = TINY_MODEL_ID  # loaded at start; None starts with no model
+    host: str = "127.0.0.1"
+    port: int = 8006
+    device: str = "auto"
+    dtype: str = "auto"
+    storage_dir: Path = Path("capture-storage")
+    max_new_tokens_limit: int = 4096
+    default_max_tokens: int = 16
+    log_level: str = "info"

@@ -1,0 +1,113 @@
+"""Storage of captured tensors: one directory per run, a JSON manifest, atomic files.
+
+A run becomes visible all at once: its files are written into a staging
+directory (each to a temporary name, then renamed) and the directory is renamed
+into place last. A request that fails leaves nothing behind, and a reader never
+sees a partial file. File names are made here (``sp0.pt``, ...), never from
+client text; lookups go through the manifest, so ``../x`` can name nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import NotFound
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+MANIFEST = "manifest.json"
+EXTENSIONS = {"pt": "pt", "safetensors": "safetensors"}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    name: str
+    path: Path
+    shape: list[int]
+    dtype: str
+    numel: int
+    size_mb: float
+
+
+def size_mb(numel: int, dtype: torch.dtype) -> float:
+    return round(numel * dtype.itemsize / 2**20, 2)
+
+
+class RunStore:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._staging = self.root / ".staging"
+        shutil.rmtree(self._staging, ignore_errors=True)  # leftovers of a crash are never valid runs
+        self._staging.mkdir()
+
+    def write_run(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None = None) -> tuple[str, dict[str, StoredFile]]:
+        run_id = uuid.uuid4().hex
+        stage = self._staging / run_id
+        stage.mkdir()
+        try:
+            stored: dict[str, StoredFile] = {}
+            for index, (name, tensor) in enumerate(tensors.items()):
+                final = stage / f"sp{index}.{EXTENSIONS[fmt]}"
+                tmp = final.with_suffix(".tmp")
+                tensor = tensor.contiguous()
+                if fmt == "safetensors":
+                    save_file({name: tensor}, str(tmp))
+                else:
+                    torch.save(tensor, tmp)
+                os.replace(tmp, final)
+                stored[name] = StoredFile(
+                    name=name,
+                    path=self.root / run_id / final.name,
+                    shape=list(tensor.shape),
+                    dtype=str(tensor.dtype),
+                    numel=tensor.numel(),
+                    size_mb=size_mb(tensor.numel(), tensor.dtype),
+                )
+            manifest = {
+                "run_id": run_id,
+                "format": fmt,
+                "files": {n: {"file": f.path.name, "shape": f.shape, "dtype": f.dtype, "numel": f.numel} for n, f in stored.items()},
+                **(extra or {}),
+            }
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            os.replace(stage, self.root / run_id)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return run_id, stored
+
+    def _run_dir(self, run_id: str) -> Path:
+        if not _RUN_ID.match(run_id):
+            raise NotFound(f"no run {run_id!r}")
+        run_dir = self.root / run_id
+        if not (run_dir / MANIFEST).is_file():
+            raise NotFound(f"no run {run_id!r}")
+        return run_dir
+
+    def manifest(self, run_id: str) -> dict:
+        return json.loads((self._run_dir(run_id) / MANIFEST).read_text())
+
+    def file_path(self, run_id: str, name: str) -> Path:
+        files = self.manifest(run_id)["files"]
+        if name not in files:
+            raise NotFound(f"run {run_id!r} has no file {name!r}")
+        return self.root / run_id / files[name]["file"]
+
+    def delete_run(self, run_id: str) -> None:
+        run_dir = self._run_dir(run_id)
+        # Rename first so the run disappears at once even if removal is slow.
+        trash = self._staging / f"deleted-{run_id}"
+        os.replace(run_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def run_ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if _RUN_ID.match(p.name))
