@@ -40,6 +40,7 @@ def create_app(
     store: RunStore | None = None,
     on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
+    owns_registry = registry is None  # shut down only what this app made
     registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype)
     store = store or RunStore(settings.storage_dir)
     service = CaptureService(settings, registry, store)
@@ -62,7 +63,8 @@ def create_app(
         # Load in the background so /health can answer 503 while the model loads.
         threading.Thread(target=load_startup_model, name="startup-load", daemon=True).start()
         yield
-        registry.shutdown()
+        if owns_registry:
+            registry.shutdown()
 
     app = FastAPI(title="NNsight capture reference server", version=PROTOCOL_VERSION, lifespan=lifespan)
     app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
@@ -112,8 +114,10 @@ def create_app(
         require_ready()
         return await service.chat_completion(req)
 
+    # A sync endpoint on purpose: it runs in anyio's thread pool, which is what
+    # nnsight's `.save` mount breaks; the tests download through it after nnsight loaded.
     @app.get("/v1/activations/{run_id}/{name}")
-    async def get_activation(run_id: str, name: str) -> FileResponse:
+    def get_activation(run_id: str, name: str) -> FileResponse:
         return FileResponse(store.file_path(run_id, name), media_type="application/octet-stream")
 
     @app.delete("/v1/activations/{run_id}", status_code=204)

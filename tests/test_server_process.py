@@ -1,0 +1,108 @@
+"""The real `capture-server` process, on a free port, as users run it."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+import torch
+
+from conftest import ServerProcess, chat_body
+
+
+def test_health_is_503_until_the_model_is_usable_then_200(server_process):
+    assert server_process.statuses[-1] == 200
+    assert 503 in server_process.statuses, f"never saw 'loading': {server_process.statuses[:5]}"
+    body = requests.get(server_process.url + "/health", timeout=5).json()
+    assert body == {"status": "ok", "loaded_models": ["tiny-qwen3"], "protocol": "1"}
+
+
+def test_readme_flow_all_token_logits_download_and_argmax(server_process):
+    """The issue's must-show, step by step: capture, download, load safely, argmax."""
+    url = server_process.url
+    body = requests.post(url + "/v1/chat/completions", json=chat_body(max_tokens=5, capture={"tokens": "all"}), timeout=60).json()
+    n = body["usage"]["completion_tokens"]
+    meta = body["activations_meta"]["_logits"]
+    assert 1 <= n <= 5 and meta["shape"] == [1, n, 151936] and len(body["completion_token_ids"]) == n
+    # The download goes through a sync endpoint, i.e. anyio's thread pool, after nnsight loaded.
+    raw = requests.get(url + meta["url"], timeout=60)
+    assert raw.status_code == 200, raw.text
+    tensor = torch.load(io.BytesIO(raw.content), weights_only=True)
+    assert list(tensor.shape) == meta["shape"] and str(tensor.dtype) == meta["dtype"]
+    assert tensor[0].argmax(-1).tolist() == body["completion_token_ids"]
+
+
+def test_openai_client_reads_activations_meta(server_process):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server_process.url + "/v1", api_key="unused")
+    completion = client.chat.completions.create(
+        model="tiny-qwen3",
+        messages=[{"role": "user", "content": "Tell me a short story about a robot."}],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"capture": {"savepoints": ["lm_head", {"name": "h0", "selector": "model.layers[0]"}], "tokens": "all"}},
+    )
+    extra = completion.model_extra
+    assert completion.usage.completion_tokens == len(extra["completion_token_ids"])
+    n = completion.usage.completion_tokens
+    assert extra["activations_meta"]["lm_head"]["shape"] == [1, n, 151936]
+    assert extra["activations_meta"]["h0"]["shape"] == [1, n, 256]
+    assert completion.choices[0].message.content
+
+
+def test_health_is_answered_while_a_long_generation_runs(server_process):
+    url = server_process.url
+    long_body = chat_body(max_tokens=400, store_activations=True)
+    done = threading.Event()
+    result = {}
+
+    def generate():
+        result["status"] = requests.post(url + "/v1/chat/completions", json=long_body, timeout=300).status_code
+        done.set()
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    time.sleep(0.3)  # let the generation start; the assertion below does not depend on it
+    health = requests.get(url + "/health", timeout=30)
+    answered_during = not done.is_set()
+    worker.join()
+    assert health.status_code == 200 and result["status"] == 200
+    assert answered_during, "/health was only answered after the generation finished"
+
+
+def test_concurrent_requests_each_equal_their_solo_run(server_process):
+    url = server_process.url
+    prompts = ["Tell me a short story about a fox.", "Ben had 40 coins and gave away 12. How many coins are left?",
+               "Say OK.", "Count to three."] * 2
+
+    def run(content):
+        body = requests.post(url + "/v1/chat/completions",
+                             json=chat_body(content, 6, capture={"savepoints": ["model.layers[1]", "lm_head"]}), timeout=120)
+        assert body.status_code == 200, body.text
+        body = body.json()
+        tensors = {n: torch.load(io.BytesIO(requests.get(url + m["url"], timeout=60).content), weights_only=True)
+                   for n, m in body["activations_meta"].items()}
+        return body["completion_token_ids"], tensors
+
+    solo = {p: run(p) for p in set(prompts)}
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(run, prompts))
+    for prompt, (ids, tensors) in zip(prompts, together):
+        assert ids == solo[prompt][0]
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(tensor, solo[prompt][1][name])
+    assert len({tuple(ids) for ids, _ in together}) > 1, "different prompts should give different ids"
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_a_clear_error(tmp_path):
+    server = ServerProcess(tmp_path, "--model", str(tmp_path / "no-such-dir"))
+    try:
+        code = server.proc.wait(120)
+    finally:
+        server.stop()
+    assert code != 0
+    assert "failed to load" in server.log()
