@@ -125,4 +125,9 @@ def create_app(
         store.delete_run(run_id)
         return Response(status_code=204)
 
+    if settings.fault:
+        from . import faults
+
+        log.warning("fault injected on purpose: %s", settings.fault)
+        faults.install(settings.fault, faults.Target(app, service, registry, readiness))
     return app

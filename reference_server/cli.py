@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest max_tokens a request may ask for (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="(default: %(default)s)")
+    # Hidden: the fault-matrix tests start deliberately broken servers with it.
+    parser.add_argument("--fault", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -43,11 +45,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         storage_dir=args.storage_dir,
         max_new_tokens_limit=args.max_new_tokens_limit,
         log_level=args.log_level,
+        fault=args.fault,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fault:
+        from .faults import FAULTS
+
+        if args.fault not in FAULTS:
+            parser.error(f"unknown --fault {args.fault!r}; known: {', '.join(sorted(FAULTS))}")
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

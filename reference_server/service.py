@@ -73,9 +73,9 @@ class CaptureService:
         wants_capture = req.store_activations or capture is not None
         options = capture.model_dump() if capture else {"savepoints": None, "tokens": "all", "dtype": "float32", "format": "pt"}
         plan = self._plan(model, options["savepoints"]) if wants_capture else []
-        prompt_ids = chat.render_prompt(model.tokenizer, [m.model_dump() for m in req.messages])
+        prompt_ids = self._render_prompt(model, [m.model_dump() for m in req.messages])
 
-        from .nnsight_core import DTYPES, GenerationParams
+        from .nnsight_core import GenerationParams
 
         params = GenerationParams(
             max_new_tokens=max_tokens,
@@ -84,9 +84,7 @@ class CaptureService:
             seed=req.seed,
             stop=stop,
         )
-        generation = await worker.run(
-            model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
-        )
+        generation = await self._generate(worker, prompt_ids, params, plan, options)
         completion = chat.complete(model.tokenizer, prompt_ids, generation.token_ids, generation.hit_eos, stop)
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -106,6 +104,18 @@ class CaptureService:
         if wants_capture:
             response.update(self._store(generation, plan, options))
         return response
+
+    # -- seams (one step each; the fault-injection tests replace them) ----------
+
+    def _render_prompt(self, model, messages: list[dict]) -> list[int]:
+        return chat.render_prompt(model.tokenizer, messages)
+
+    async def _generate(self, worker, prompt_ids, params, plan, options):
+        from .nnsight_core import DTYPES
+
+        return await worker.run(
+            worker.model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
+        )
 
     def _store(self, generation, plan, options) -> dict:
         run_id, stored = self.store.write_run(

@@ -19,3 +19,4 @@ class Settings:
     max_new_tokens_limit: int = 4096
     default_max_tokens: int = 16
     log_level: str = "info"
+    fault: str | None = None  # a deliberate bug, for the fault-matrix tests only (faults.py)

@@ -1,0 +1,387 @@
+"""Deliberate bugs, for proving that the conformance suites catch them.
+
+Each fault is one realistic defect seen in deployed capture servers or that
+follows from nnsight's footguns. It is switched on only by the hidden
+``capture-server --fault NAME`` option (or ``Settings(fault=...)``) that the
+project's fault-matrix tests use; normal runs never load this module.
+
+A fault replaces one seam of the server (see ``CaptureService``'s seams, the
+registry, the readiness flag or the app) by wrapping it, so the rest of the
+server stays correct and the suites must find the one thing that is wrong.
+Each entry names the suite area that must catch it (checked by
+``tests/test_fault_matrix.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from .errors import CaptureError, Unprocessable
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    area: str  # the suite module (suites/test_<area>.py) that must catch it
+    description: str
+    install: Callable
+
+
+FAULTS: dict[str, Fault] = {}
+
+
+def fault(name: str, area: str, description: str):
+    def register(install: Callable) -> Callable:
+        FAULTS[name] = Fault(name, area, description, install)
+        return install
+
+    return register
+
+
+@dataclass
+class Target:
+    """What a fault may change: the pieces create_app wires together."""
+
+    app: object
+    service: object
+    registry: object
+    readiness: object
+
+
+def install(name: str, target: Target) -> None:
+    if name not in FAULTS:
+        raise ValueError(f"unknown fault {name!r}; known: {sorted(FAULTS)}")
+    FAULTS[name].install(target)
+
+
+def _wrap_generate(target: Target, change: Callable) -> None:
+    """Replace the service's generate seam by one that edits its result: change(generation, plan, options)."""
+    original = target.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options):
+        generation = await original(worker, prompt_ids, params, plan, options)
+        change(generation, plan, options)
+        return generation
+
+    target.service._generate = generate
+
+
+def _wrap_store(target: Target, change: Callable) -> None:
+    """Replace the store seam by one that edits the capture fields: change(fields, generation, plan, options)."""
+    original = target.service._store
+
+    def store(generation, plan, options):
+        fields = original(generation, plan, options)
+        change(fields, generation, plan, options)
+        return fields
+
+    target.service._store = store
+
+
+def _wrap_response(target: Target, change: Callable) -> None:
+    original = target.service.chat_completion
+
+    async def chat_completion(req):
+        response = await original(req)
+        change(response, req)
+        return response
+
+    target.service.chat_completion = chat_completion
+
+
+# -- capture values -------------------------------------------------------------
+
+
+@fault("first_step_only", "multi_token", "captures only the first step: [1,1,V] whatever `tokens` says")
+def _first_step_only(t: Target) -> None:
+    def change(gen, plan, options):
+        gen.tensors = {n: x[:, :1] for n, x in gen.tensors.items()}
+
+    _wrap_generate(t, change)
+
+
+@fault("shifted_logits", "multi_token", "step i holds step i+1, the last step duplicated")
+def _shifted(t: Target) -> None:
+    def change(gen, plan, options):
+        gen.tensors = {n: torch.cat([x[:, 1:], x[:, -1:]], dim=1) for n, x in gen.tensors.items()}
+
+    _wrap_generate(t, change)
+
+
+@fault("truncated_hidden", "savepoints", "hidden features silently truncated to the first 128")
+def _truncated(t: Target) -> None:
+    def change(gen, plan, options):
+        hidden = {sp.name for sp in plan if (sp.site.module_path, sp.site.io) != ("lm_head", "output")}
+        gen.tensors = {n: x[..., :128] if n in hidden else x for n, x in gen.tensors.items()}
+
+    _wrap_generate(t, change)
+
+
+@fault("nan_values", "dtype_size", "NaNs written into the stored tensor")
+def _nans(t: Target) -> None:
+    def change(gen, plan, options):
+        for x in gen.tensors.values():
+            x[0, -1, : max(1, x.shape[-1] // 7)] = float("nan")
+
+    _wrap_generate(t, change)
+
+
+@fault("swapped_names", "savepoints", "two savepoints' names swapped")
+def _swapped(t: Target) -> None:
+    def change(gen, plan, options):
+        names = list(gen.tensors)
+        if len(names) >= 2:
+            a, b = names[0], names[1]
+            gen.tensors[a], gen.tensors[b] = gen.tensors[b], gen.tensors[a]
+
+    _wrap_generate(t, change)
+
+
+@fault("state_leak", "out_of_order", "the previous request's tensors returned again")
+def _state_leak(t: Target) -> None:
+    previous: dict[str, torch.Tensor] = {}
+
+    def change(gen, plan, options):
+        fresh = dict(gen.tensors)
+        gen.tensors = {n: previous.get(n, x) for n, x in gen.tensors.items()}
+        previous.clear()
+        previous.update(fresh)
+
+    _wrap_generate(t, change)
+
+
+@fault("last_is_first", "single_token", "`tokens: \"last\"` returns step 0")
+def _last_is_first(t: Target) -> None:
+    original = t.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options):
+        if options["tokens"] == "last":
+            options = {**options, "tokens": "first"}
+        return await original(worker, prompt_ids, params, plan, options)
+
+    t.service._generate = generate
+
+
+@fault("input_is_output", "savepoints", "`.input` savepoints hold the module's output")
+def _input_is_output(t: Target) -> None:
+    from .nnsight_core import PlannedSavepoint
+
+    original = t.service._plan
+
+    def plan(model, savepoints):
+        planned = original(model, savepoints)
+        out = []
+        for sp in planned:
+            if sp.site.io == "input":
+                other = model.sites.get((sp.site.module_path, "output"), sp.site)
+                sp = PlannedSavepoint(name=sp.name, selector=sp.selector, site=other)
+            out.append(sp)
+        return out
+
+    t.service._plan = plan
+
+
+# -- metadata and files -----------------------------------------------------------
+
+
+@fault("bf16_file_fp32_meta", "dtype_size", "file stored as bfloat16 while the metadata says float32")
+def _bf16_file(t: Target) -> None:
+    original = t.service._store
+
+    def store(gen, plan, options):
+        asked = {n: str(x.dtype) for n, x in gen.tensors.items()}
+        gen.tensors = {n: x.to(torch.bfloat16) for n, x in gen.tensors.items()}
+        fields = original(gen, plan, options)
+        for name, meta in fields["activations_meta"].items():
+            meta["dtype"] = asked[name]
+            meta["size_mb"] = round(meta["numel"] * 4 / 2**20, 2)
+        return fields
+
+    t.service._store = store
+
+
+@fault("wrong_size", "dtype_size", "`size_mb` computed with the wrong item size")
+def _wrong_size(t: Target) -> None:
+    def change(fields, gen, plan, options):
+        for meta in fields["activations_meta"].values():
+            meta["size_mb"] = round(meta["numel"] * 8 / 2**20, 2)
+
+    _wrap_store(t, change)
+
+
+@fault("meta_shape_lies", "dtype_size", "metadata claims [1,N,D] while the file holds [1,1,D]")
+def _meta_shape_lies(t: Target) -> None:
+    original = t.service._store
+
+    def store(gen, plan, options):
+        claimed = {n: list(x.shape) for n, x in gen.tensors.items()}
+        gen.tensors = {n: x[:, :1].clone() for n, x in gen.tensors.items()}
+        fields = original(gen, plan, options)
+        for name, meta in fields["activations_meta"].items():
+            numel = 1
+            for d in claimed[name]:
+                numel *= d
+            item = torch.empty((), dtype=getattr(torch, meta["dtype"].removeprefix("torch."))).element_size()
+            meta.update(shape=claimed[name], numel=numel, size_mb=round(numel * item / 2**20, 2))
+        return fields
+
+    t.service._store = store
+
+
+@fault("missing_file", "dtype_size", "`activations_meta` points to a file that is not there")
+def _missing_file(t: Target) -> None:
+    from pathlib import Path
+
+    def change(fields, gen, plan, options):
+        for meta in fields["activations_meta"].values():
+            Path(meta["file_path"]).unlink(missing_ok=True)
+
+    _wrap_store(t, change)
+
+
+@fault("safetensors_wrong_key", "dtype_size", "safetensors files store the tensor under 'tensor', not the savepoint name")
+def _safetensors_key(t: Target) -> None:
+    from safetensors.torch import save_file
+
+    from . import storage
+
+    def save(tensors, path, *args, **kwargs):
+        return save_file({"tensor": next(iter(tensors.values()))}, path, *args, **kwargs)
+
+    storage.save_file = save  # process-wide: a faulty server runs one fault only
+
+
+# -- chat -------------------------------------------------------------------------
+
+
+@fault("zero_usage", "chat", "`usage` all zeros")
+def _zero_usage(t: Target) -> None:
+    _wrap_response(t, lambda r, req: r["usage"].update(prompt_tokens=0, completion_tokens=0, total_tokens=0))
+
+
+@fault("no_chat_template", "chat", "chat template ignored: `role: content` lines joined")
+def _no_template(t: Target) -> None:
+    def render(model, messages):
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    t.service._render_prompt = render
+
+
+@fault("ids_skip_first", "multi_token", "`completion_token_ids` excludes the first generated token")
+def _ids_skip_first(t: Target) -> None:
+    def change(fields, gen, plan, options):
+        fields["completion_token_ids"] = fields["completion_token_ids"][1:]
+
+    _wrap_store(t, change)
+
+
+@fault("max_tokens_plus_one", "chat", "generates one token more than `max_tokens`")
+def _plus_one(t: Target) -> None:
+    original = t.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options):
+        from dataclasses import replace
+
+        return await original(worker, prompt_ids, replace(params, max_new_tokens=params.max_new_tokens + 1), plan, options)
+
+    t.service._generate = generate
+
+
+@fault("stop_ignored", "chat", "`stop` strings ignored")
+def _stop_ignored(t: Target) -> None:
+    original = t.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options):
+        from dataclasses import replace
+
+        return await original(worker, prompt_ids, replace(params, stop=()), plan, options)
+
+    t.service._generate = generate
+
+
+# -- concurrency and nnsight ---------------------------------------------------------
+
+
+@fault("no_lock", "out_of_order", "no serialisation of traces: concurrent requests run at once")
+def _no_lock(t: Target) -> None:
+    import anyio
+
+    async def generate(worker, prompt_ids, params, plan, options):
+        from .nnsight_core import DTYPES
+
+        return await anyio.to_thread.run_sync(
+            worker.model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
+        )
+
+    t.service._generate = generate
+
+
+class _ServerError(CaptureError):
+    status_code = 500
+
+
+@fault("sampling_ooo_500", "out_of_order", "`temperature` > 0 with `top_p` answered 500 naming OutOfOrderError")
+def _sampling_ooo(t: Target) -> None:
+    original = t.service.chat_completion
+
+    async def chat_completion(req):
+        if req.temperature > 0 and req.top_p < 1:
+            raise _ServerError("OutOfOrderError: Value was missed for model.layers.0.output.i1")
+        return await original(req)
+
+    t.service.chat_completion = chat_completion
+
+
+# -- bad input, health and loading -------------------------------------------------------
+
+
+@fault("unknown_selector_500", "bad_input", "unknown selector answered with 500")
+def _selector_500(t: Target) -> None:
+    original = t.service._plan
+
+    def plan(model, savepoints):
+        try:
+            return original(model, savepoints)
+        except Unprocessable as exc:
+            raise _ServerError(f"AttributeError: {exc.detail}") from None
+
+    t.service._plan = plan
+
+
+@fault("bad_json_500", "bad_input", "malformed JSON answered with 500")
+def _bad_json(t: Target) -> None:
+    @t.app.middleware("http")
+    async def crash_on_bad_json(request: Request, call_next):
+        if request.method == "POST":
+            body = await request.body()
+            try:
+                json.loads(body or b"null")
+            except ValueError:
+                return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
+        return await call_next(request)
+
+
+@fault("health_without_model", "health", "`/health` says ok before any model is loaded")
+def _health_early(t: Target) -> None:
+    t.readiness.ready.set()  # ready from the first request, loading or not
+
+
+@fault("load_drops_model", "models", "a failed `/models/load` drops the model that was serving")
+def _load_drops(t: Target) -> None:
+    original = t.registry.load
+
+    def load(model_id, device=None, dtype=None):
+        try:
+            return original(model_id, device, dtype)
+        except CaptureError:
+            t.registry._workers.clear()
+            raise
+
+    t.registry.load = load
