@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from .errors import CaptureError, NotReady
+from .guards import ApiKeyGuard, BodySizeLimit
 from .registry import ModelRegistry
 from .schemas import ChatRequest, LoadRequest, PureRequest
 from .service import CaptureService
@@ -42,7 +43,11 @@ def create_app(
 ) -> FastAPI:
     owns_registry = registry is None  # shut down only what this app made
     registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype)
-    store = store or RunStore(settings.storage_dir)
+    store = store or RunStore(
+        settings.storage_dir,
+        max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),
+        policy=settings.storage_policy,
+    )
     service = CaptureService(settings, registry, store)
     readiness = Readiness()
 
@@ -63,10 +68,15 @@ def create_app(
         # Load in the background so /health can answer 503 while the model loads.
         threading.Thread(target=load_startup_model, name="startup-load", daemon=True).start()
         yield
+        service.shutdown()
         if owns_registry:
             registry.shutdown()
 
     app = FastAPI(title="NNsight capture reference server", version=PROTOCOL_VERSION, lifespan=lifespan)
+    # Added last = runs first: the key is checked before any body is read.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
     app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
 
     @app.exception_handler(CaptureError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from fixtures.tiny_model import TINY_MODEL_ID
@@ -30,6 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest max_tokens a request may ask for (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="(default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                             "(default: $CAPTURE_SERVER_API_KEY; none)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="largest request body; larger is 413 (default: %(default)s)")
+    parser.add_argument("--max-savepoints", type=int, default=64,
+                        help="most savepoints one request may ask for (default: %(default)s)")
+    parser.add_argument("--max-capture-mb", type=float, default=8192.0,
+                        help="most MiB one request may capture, computed before generating as "
+                             "max_tokens x width x itemsize per savepoint; more is 422 (default: %(default)s)")
+    parser.add_argument("--max-storage-mb", type=float, default=None,
+                        help="retention limit of the storage directory (default: none)")
+    parser.add_argument("--storage-policy", choices=["evict", "refuse"], default="evict",
+                        help="over --max-storage-mb: evict the oldest runs, or refuse with 507 (default: %(default)s)")
     # Hidden: the fault-matrix tests start deliberately broken servers with it.
     parser.add_argument("--fault", default=None, help=argparse.SUPPRESS)
     return parser
@@ -46,6 +61,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_new_tokens_limit=args.max_new_tokens_limit,
         log_level=args.log_level,
         fault=args.fault,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes,
+        max_savepoints=args.max_savepoints,
+        max_capture_mb=args.max_capture_mb,
+        max_storage_mb=args.max_storage_mb,
+        storage_policy=args.storage_policy,
     )
 
 
@@ -59,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown --fault {args.fault!r}; known: {', '.join(sorted(FAULTS))}")
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.host in ("0.0.0.0", "::", "") and not settings.api_key:
+        logging.getLogger("capture-server").warning(
+            "bound to all interfaces (%s) without --api-key: anyone who can reach this port can run the model "
+            "and fill the disk", settings.host or "*")
 
     import uvicorn
 

@@ -7,8 +7,11 @@ stores the tensors (storage). Returns plain dicts; knows nothing of HTTP.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from . import chat
 from .errors import BadRequest, Unprocessable
@@ -26,6 +29,12 @@ class CaptureService:
         self.settings = settings
         self.registry = registry
         self.store = store
+        # Files are written by one writer thread: the event loop stays free, and the
+        # next request's generation (on the model's worker) overlaps this request's I/O.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-writer")
+
+    def shutdown(self) -> None:
+        self._writer.shutdown(wait=True)
 
     # -- validation -------------------------------------------------------------
 
@@ -40,6 +49,10 @@ class CaptureService:
         from .nnsight_core import PlannedSavepoint
 
         specs = savepoints if savepoints is not None else DEFAULT_SAVEPOINTS
+        if len(specs) > self.settings.max_savepoints:
+            raise Unprocessable(
+                f"{len(specs)} savepoints is over the limit of {self.settings.max_savepoints} (--max-savepoints)"
+            )
         planned, names, selectors = [], set(), set()
         for spec in specs:
             if isinstance(spec, str):
@@ -73,6 +86,7 @@ class CaptureService:
         wants_capture = req.store_activations or capture is not None
         options = capture.model_dump() if capture else {"savepoints": None, "tokens": "all", "dtype": "float32", "format": "pt"}
         plan = self._plan(model, options["savepoints"]) if wants_capture else []
+        self._check_capture_size(plan, max_tokens, options)
         prompt_ids = self._render_prompt(model, [m.model_dump() for m in req.messages])
 
         from .nnsight_core import GenerationParams
@@ -102,8 +116,22 @@ class CaptureService:
             "usage": completion.usage,
         }
         if wants_capture:
-            response.update(self._store(generation, plan, options))
+            response.update(await asyncio.wrap_future(self._writer.submit(self._store, generation, plan, options)))
         return response
+
+    def _check_capture_size(self, plan, max_tokens: int, options: dict) -> None:
+        """Refuse, before generating, a request whose capture could exceed --max-capture-mb."""
+        from .nnsight_core import DTYPES
+
+        steps = max_tokens if options["tokens"] == "all" else 1
+        itemsize = DTYPES[options["dtype"]].itemsize
+        total = sum(steps * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
+        limit = self.settings.max_capture_mb
+        if total > limit * 2**20:
+            raise Unprocessable(
+                f"this capture could write {total / 2**20:.1f} MiB, over the limit of {limit:g} MiB "
+                "(--max-capture-mb); ask for fewer tokens, savepoints or a smaller dtype"
+            )
 
     # -- seams (one step each; the fault-injection tests replace them) ----------
 

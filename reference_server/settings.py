@@ -19,4 +19,10 @@ class Settings:
     max_new_tokens_limit: int = 4096
     default_max_tokens: int = 16
     log_level: str = "info"
+    api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 1 << 20
+    max_savepoints: int = 64
+    max_capture_mb: float = 8192.0  # what one request may capture, computed before generating
+    max_storage_mb: float | None = None  # retention limit of the storage directory
+    storage_policy: str = "evict"  # over max_storage_mb: "evict" the oldest runs, or "refuse" (507)
     fault: str | None = None  # a deliberate bug, for the fault-matrix tests only (faults.py)

@@ -13,14 +13,16 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .errors import NotFound
+from .errors import NotFound, StorageFull
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MANIFEST = "manifest.json"
@@ -42,18 +44,56 @@ def size_mb(numel: int, dtype: torch.dtype) -> float:
 
 
 class RunStore:
-    def __init__(self, root: Path):
+    """Runs on disk, with an optional retention limit.
+
+    Over ``max_bytes``, policy ``"evict"`` deletes the oldest runs to make room
+    and ``"refuse"`` answers 507; a run larger than the whole limit is always 507.
+    A failed write (disk full, unwritable directory) is a 507 that leaves nothing.
+    """
+
+    def __init__(self, root: Path, max_bytes: int | None = None, policy: str = "evict"):
+        if policy not in ("evict", "refuse"):
+            raise ValueError(f"unknown storage policy {policy!r}")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.policy = policy
         self._staging = self.root / ".staging"
         shutil.rmtree(self._staging, ignore_errors=True)  # leftovers of a crash are never valid runs
         self._staging.mkdir()
+        self._lock = threading.Lock()
+        # run id -> bytes on disk, oldest first: what retention evicts.
+        runs = sorted((p for p in self.root.iterdir() if _RUN_ID.match(p.name)), key=lambda p: p.stat().st_mtime)
+        self._sizes: OrderedDict[str, int] = OrderedDict((p.name, _dir_bytes(p)) for p in runs)
+
+    def used_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def _make_room(self, needed: int) -> None:
+        if self.max_bytes is None:
+            return
+        if needed > self.max_bytes:
+            raise StorageFull(f"a capture of {needed} bytes is larger than the storage limit of {self.max_bytes} bytes (--max-storage-mb)")
+        while self.used_bytes() + needed > self.max_bytes:
+            if self.policy == "refuse" or not self._sizes:
+                raise StorageFull(f"storage limit of {self.max_bytes} bytes reached (--max-storage-mb); delete runs to make room")
+            self._remove(next(iter(self._sizes)))
 
     def write_run(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None = None) -> tuple[str, dict[str, StoredFile]]:
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        with self._lock:
+            self._make_room(needed)
+            try:
+                return self._write(tensors, fmt, extra)
+            except OSError as exc:
+                raise StorageFull(f"could not store the capture: {exc.strerror or exc}") from None
+
+    def _write(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None) -> tuple[str, dict[str, StoredFile]]:
         run_id = uuid.uuid4().hex
         stage = self._staging / run_id
-        stage.mkdir()
         try:
+            self._staging.mkdir(exist_ok=True)
+            stage.mkdir()
             stored: dict[str, StoredFile] = {}
             for index, (name, tensor) in enumerate(tensors.items()):
                 final = stage / f"sp{index}.{EXTENSIONS[fmt]}"
@@ -83,6 +123,7 @@ class RunStore:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
+        self._sizes[run_id] = _dir_bytes(self.root / run_id)
         return run_id, stored
 
     def _run_dir(self, run_id: str) -> Path:
@@ -103,11 +144,20 @@ class RunStore:
         return self.root / run_id / files[name]["file"]
 
     def delete_run(self, run_id: str) -> None:
-        run_dir = self._run_dir(run_id)
+        self._run_dir(run_id)
+        with self._lock:
+            self._remove(run_id)
+
+    def _remove(self, run_id: str) -> None:
         # Rename first so the run disappears at once even if removal is slow.
         trash = self._staging / f"deleted-{run_id}"
-        os.replace(run_dir, trash)
+        os.replace(self.root / run_id, trash)
         shutil.rmtree(trash, ignore_errors=True)
+        self._sizes.pop(run_id, None)
 
     def run_ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if _RUN_ID.match(p.name))
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())

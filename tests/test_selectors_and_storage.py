@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference_server.errors import NotFound, Unprocessable
+from reference_server.errors import NotFound, StorageFull, Unprocessable
 from reference_server.selectors import parse_selector
 from reference_server.storage import RunStore
 
@@ -47,21 +47,38 @@ def test_run_is_written_whole_with_a_manifest(tmp_path):
     assert all(".." not in p.name and p.suffix != ".tmp" for p in (tmp_path / run_id).iterdir())
 
 
-def test_a_failing_write_leaves_nothing(tmp_path, monkeypatch):
+def test_a_failing_write_is_507_and_leaves_nothing(tmp_path, monkeypatch):
     store = RunStore(tmp_path)
-    calls = []
+    real_save, calls = torch.save, []
 
-    def failing_save(obj, path):
+    def save_then_fill_the_disk(obj, path):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        torch.save.__wrapped__(obj, path) if hasattr(torch.save, "__wrapped__") else original(obj, path)
+        real_save(obj, path)
 
-    original = torch.save
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    with pytest.raises(StorageFull, match="No space left"):
         store.write_run({"a": torch.zeros(2), "b": torch.zeros(2)}, "pt")
     assert store.run_ids() == [] and list((tmp_path / ".staging").iterdir()) == []
+
+
+def test_retention_evicts_the_oldest_runs(tmp_path):
+    one_run = 4 * 1024 * 4  # bytes of the tensor below
+    store = RunStore(tmp_path, max_bytes=int(2.5 * one_run) + 4096, policy="evict")
+    runs = [store.write_run({"x": torch.zeros(4, 1024)}, "pt")[0] for _ in range(4)]
+    assert store.run_ids() == sorted(runs[2:])
+    assert store.used_bytes() <= store.max_bytes
+
+
+def test_retention_can_refuse_instead(tmp_path):
+    store = RunStore(tmp_path, max_bytes=6 * 1024 * 4, policy="refuse")
+    kept = store.write_run({"x": torch.zeros(4, 1024)}, "pt")[0]
+    with pytest.raises(StorageFull, match="--max-storage-mb"):
+        store.write_run({"x": torch.zeros(4, 1024)}, "pt")
+    assert store.run_ids() == [kept]
+    with pytest.raises(StorageFull, match="larger than the storage limit"):
+        RunStore(tmp_path / "b", max_bytes=10, policy="evict").write_run({"x": torch.zeros(8)}, "pt")
 
 
 @pytest.mark.parametrize("run_id,name", [("../x", "a"), ("0" * 32, "a"), ("zz", "a")])

@@ -1,0 +1,82 @@
+"""ASGI middleware that guards every request before the app sees it: API key, body size.
+
+Pure ASGI (not FastAPI dependencies) so that they hold for every route,
+``/docs`` and ``/openapi.json`` included, and so that a body is refused while
+it streams in, before it is buffered whole.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+OPEN_PATHS = {"/health"}  # a load balancer must be able to probe without the key
+
+
+async def _send_error(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyGuard:
+    """``Authorization: Bearer <key>`` on every path but /health; 401 with no other detail."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                await _send_error(send, 401, "unauthorized")
+                return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimit:
+    """413 naming the limit when a request body is larger than ``max_bytes``."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _detail(self, size: int | str) -> str:
+        return f"request body of {size} bytes is over the limit of {self.max_bytes} bytes (--max-body-bytes)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_error(send, 413, self._detail(int(declared)))
+            return
+        # Read the body here, up to the limit (bodies are small JSON), and replay it:
+        # an exception raised from receive() would reach FastAPI's parser as a 400.
+        chunks, received = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # a disconnect: let the app see an empty body and end
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_bytes:
+                await _send_error(send, 413, self._detail(f"more than {self.max_bytes}"))
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
