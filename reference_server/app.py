@@ -68,7 +68,8 @@ def create_app(
         # Load in the background so /health can answer 503 while the model loads.
         threading.Thread(target=load_startup_model, name="startup-load", daemon=True).start()
         yield
-        service.shutdown()
+        # The storage writer is not shut down here: its thread is joined at exit, so
+        # pending writes complete, and a second lifespan (schemathesis runs its own) still works.
         if owns_registry:
             registry.shutdown()
 

@@ -33,9 +33,6 @@ class CaptureService:
         # next request's generation (on the model's worker) overlaps this request's I/O.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-writer")
 
-    def shutdown(self) -> None:
-        self._writer.shutdown(wait=True)
-
     # -- validation -------------------------------------------------------------
 
     def _max_tokens(self, requested: int | None) -> int:

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
+# No model hub is reachable here: without this, loading an unknown id retries the hub for ~25 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model
 
 

@@ -1,0 +1,195 @@
+"""The harness's own safety and readability, against scripted servers (no model, no server process)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from harness.client import CaptureClient, ServerFault
+from harness.report import CaseResult, summarize
+from harness.responses import Completion
+from harness.snapshots import model_slug, symbolic_shape
+from harness.tensors import _read_pt_without_torch, load_tensor_file, size_cap
+from legacy_server import ScriptedServer
+
+
+def _fault(call) -> str:
+    with pytest.raises(ServerFault) as info:
+        call()
+    return str(info.value)
+
+
+# -- garbage answers --------------------------------------------------------------------------------
+
+
+def test_html_answer_is_a_readable_failure():
+    page = b"<!DOCTYPE html><html><body><h1>Welcome to nginx!</h1></body></html>"
+    with ScriptedServer({("GET", "/health"): lambda r: r.reply(200, raw=page, ctype="text/html")}) as server:
+        message = _fault(lambda: CaptureClient(server.url).health().json())
+    assert message.startswith("GET /health answered 200 text/html, not JSON: <!DOCTYPE html>"), message
+
+
+def test_truncated_json_is_a_readable_failure():
+    with ScriptedServer({("POST", "/v1/chat/completions"):
+                         lambda r: r.reply(200, raw=b'{"id": "x", "choices": [{"ind')}) as server:
+        message = _fault(lambda: CaptureClient(server.url).chat("m", "hi", 1).ok_json())
+    assert "POST /v1/chat/completions answered 200 with invalid JSON" in message, message
+    assert '{"id": "x", "choices": [{"ind' in message, message
+
+
+def test_json_under_a_wrong_content_type_is_a_readable_failure():
+    with ScriptedServer({("GET", "/health"): lambda r: r.reply(200, {"status": "ok"}, ctype="text/plain")}) as server:
+        message = _fault(lambda: CaptureClient(server.url).health().json())
+    assert "answered 200 text/plain, not JSON" in message, message
+
+
+def test_unexpected_status_quotes_the_body():
+    with ScriptedServer({("GET", "/v1/models"): lambda r: r.reply(500, {"detail": "boom"})}) as server:
+        message = _fault(lambda: CaptureClient(server.url).models().ok_json())
+    assert message == 'expected 200; GET /v1/models answered 500 (application/json): {"detail": "boom"}', message
+
+
+def test_missing_response_fields_are_readable_failures():
+    completion = Completion({"choices": []}, {})
+    assert "has no 'usage'" in _fault(lambda: completion.usage)
+    assert "exactly one choice" in _fault(lambda: completion.choice)
+    assert "no activations_meta" in _fault(lambda: completion.meta)
+    bad = Completion({"usage": {"prompt_tokens": "3", "completion_tokens": 1, "total_tokens": 4}}, {})
+    assert "usage.prompt_tokens should be int, got '3'" in _fault(lambda: bad.usage)
+
+
+# -- time and size limits ---------------------------------------------------------------------------
+
+
+def test_a_hanging_server_fails_within_the_timeout_naming_the_endpoint():
+    with ScriptedServer({("POST", "/v1/chat/completions"): lambda r: time.sleep(5)}) as server:
+        started = time.monotonic()
+        message = _fault(lambda: CaptureClient(server.url, timeout_s=0.5).chat("m", "hi", 1))
+        elapsed = time.monotonic() - started
+    assert message == "POST /v1/chat/completions got no answer within 0.5 s (--request-timeout)", message
+    assert elapsed < 3, f"the timeout took {elapsed:.1f} s"
+
+
+def test_an_unreachable_server_says_so():
+    with ScriptedServer({}) as server:
+        url = server.url
+    message = _fault(lambda: CaptureClient(url).health())
+    assert message == f"GET /health: cannot reach {url}: connection refused", message
+
+
+def _big_file(with_length: bool):
+    def handler(r):
+        r.send_response(200)
+        r.send_header("Content-Type", "application/octet-stream")
+        if with_length:
+            r.send_header("Content-Length", str(8 * 2**20))
+        r.end_headers()
+        for _ in range(128):  # 8 MiB, far above the 1 MiB cap
+            r.wfile.write(b"\0" * 65536)
+    return handler
+
+
+@pytest.mark.parametrize("with_length", [True, False], ids=["announced", "streamed"])
+def test_downloads_are_capped(with_length):
+    with ScriptedServer({("GET", "/v1/activations/r/x"): _big_file(with_length)}) as server:
+        message = _fault(lambda: CaptureClient(server.url).download("/v1/activations/r/x", max_bytes=2**20, what="x"))
+    assert "cap of 1048576 bytes" in message, message
+
+
+def test_size_cap_is_the_advertised_payload_plus_a_small_margin():
+    payload = 5 * 151936 * 4
+    assert payload < size_cap(5 * 151936, "torch.float32") < payload * 1.02 + 65536 + 1
+
+
+def test_downloads_from_another_host_are_refused():
+    with ScriptedServer({}) as server:
+        message = _fault(lambda: CaptureClient(server.url).download("http://example.invalid/x", max_bytes=10, what="x"))
+    assert "points away from the server under test" in message, message
+
+
+# -- safe loading ---------------------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _torch_style_zip(payload: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/version", "3\n")
+        archive.writestr("archive/byteorder", "little")
+    return buffer.getvalue()
+
+
+def test_a_malicious_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    exploit = pickle.dumps(_Exploit(str(marker)), protocol=2)
+    for data in (_torch_style_zip(exploit), exploit, pickle.dumps(_Exploit(str(marker)))):
+        message = _fault(lambda: load_tensor_file(data, what="savepoint 'x'"))
+        assert message.startswith("savepoint 'x': "), message
+        assert not marker.exists(), f"the pickle ran: {message}"
+    message = _fault(lambda: _read_pt_without_torch(_torch_style_zip(exploit), "savepoint 'x'"))
+    assert "posix.system is not allowed" in message or "system is not allowed" in message, message
+    assert not marker.exists()
+
+
+def test_a_pt_file_holding_something_else_than_a_tensor_is_refused():
+    torch = pytest.importorskip("torch")
+    buffer = io.BytesIO()
+    torch.save({"_logits": torch.zeros(1, 1, 3)}, buffer)
+    assert "must hold one tensor, it holds a dict" in _fault(lambda: load_tensor_file(buffer.getvalue(), what="x"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_pt_and_safetensors_files_load_with_their_dtype_and_shape(dtype):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save
+
+    tensor = torch.randn(1, 3, 7).to(getattr(torch, dtype))
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    loaded = [load_tensor_file(buffer.getvalue(), what="x", declared_format="pt"),
+              _read_pt_without_torch(buffer.getvalue(), "x"),
+              load_tensor_file(save({"_logits": tensor}), what="x", declared_format="safetensors")]
+    for item in loaded:
+        assert item.dtype == f"torch.{dtype}" and item.shape == (1, 3, 7)
+        assert np.array_equal(item.values, tensor.float().numpy())
+    assert loaded[2].key == "_logits"
+    wrong = _fault(lambda: load_tensor_file(buffer.getvalue(), what="x", declared_format="safetensors"))
+    assert "metadata says format 'safetensors' but the file is pt" in wrong
+
+
+# -- snapshots and report ------------------------------------------------------------------------------
+
+
+def test_symbolic_shapes_name_known_sizes_and_keep_the_rest():
+    dims = {"V": 151936, "H": 256}
+    assert symbolic_shape([1, 5, 151936], steps=5, tokens="all", dims=dims) == [1, "N", "V"]
+    assert symbolic_shape([1, 1, 256], steps=5, tokens="last", dims=dims) == [1, 1, "H"]
+    assert symbolic_shape([1, 5, 128], steps=5, tokens="all", dims=dims) == [1, "N", 128]
+    assert model_slug("Qwen/Qwen3-0.6B") == "qwen--qwen3-0.6b"
+
+
+def test_capture_level_stops_at_the_first_failing_area():
+    def results(**outcomes):
+        return [CaseResult(f"suites/test_{area}.py::t", area, outcome) for area, outcome in outcomes.items()]
+
+    everything = dict.fromkeys(["health", "models", "chat", "single_token", "multi_token", "savepoints",
+                                "dtype_size", "out_of_order", "bad_input"], "passed")
+    assert summarize(results(**everything)).capture_level == "full"
+    assert summarize(results(**{**everything, "multi_token": "failed"})).capture_level == "single-token"
+    assert summarize(results(**{**everything, "single_token": "failed"})).capture_level == "none"
+    assert summarize(results(**{**everything, "bad_input": "failed"})).capture_level == "savepoints"
+    assert not summarize(results(**{**everything, "bad_input": "failed"})).passed

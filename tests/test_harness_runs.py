@@ -1,0 +1,219 @@
+"""The harness end to end: real pytest runs (subprocesses) against scripted, legacy and bundled servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from harness.plugin import SUITES_DIR
+from legacy_server import ScriptedServer, healthy_routes
+
+LEGACY_SERVER = Path(__file__).with_name("legacy_server.py")
+LEGACY_LAUNCH = f"python {LEGACY_SERVER} --port {{port}} --storage-dir {{storage_dir}}"
+
+
+def _env() -> dict:
+    # An outer xdist run must not leak its worker identity into the inner run (syrupy reads it).
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"))}
+
+
+def run(argv: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def run_pytest(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd, timeout)
+
+
+def junit_failures(path: Path) -> dict[str, str]:
+    """Test name -> failure (or error) message."""
+    failures = {}
+    for case in ET.parse(path).iter("testcase"):
+        for problem in list(case.findall("failure")) + list(case.findall("error")):
+            failures[case.get("name")] = (problem.get("message") or "") + "\n" + (problem.text or "")
+    return failures
+
+
+def junit_passed(path: Path) -> set[str]:
+    return {c.get("name") for c in ET.parse(path).iter("testcase")
+            if not c.findall("failure") and not c.findall("error") and not c.findall("skipped")}
+
+
+def _closed_port() -> int:
+    with ScriptedServer({}) as server:
+        return server.port
+
+
+# -- target checks: one line, before any test ---------------------------------------------------------
+
+
+def test_an_unreachable_host_stops_the_run_with_one_clear_line(tmp_path):
+    port = _closed_port()
+    result = run_pytest("--host", "127.0.0.1", "--port", str(port), cwd=tmp_path, timeout=60)
+    assert result.returncode == 4, result.stdout + result.stderr
+    output = (result.stdout + result.stderr).strip()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines == [f"ERROR: capture-conformance: http://127.0.0.1:{port} is unreachable: "
+                     f"GET /health: cannot reach http://127.0.0.1:{port}: connection refused"], output
+
+
+def test_a_proxy_splash_page_is_not_a_capture_server(tmp_path):
+    page = b"<html><body>It works!</body></html>"
+    with ScriptedServer({("GET", "/health"): lambda r: r.reply(200, raw=page, ctype="text/html")}) as server:
+        result = run_pytest("--host", "127.0.0.1", "--port", str(server.port), cwd=tmp_path, timeout=60)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert (f"ERROR: capture-conformance: {server.url} is not a capture server: GET /health answered 200 "
+            f"text/html") in result.stderr, result.stderr
+
+
+# -- collection: the installed suites from anywhere, profiles, inertness -----------------------------
+
+
+def _collected(output: str) -> set[str]:
+    return {line.strip() for line in output.splitlines() if "::" in line and not line.startswith(("ERROR", "FAILED"))}
+
+
+def test_host_without_paths_runs_the_installed_suites_from_any_directory(tmp_path):
+    result = run_pytest("--host", "127.0.0.1", "--port", "8006", "--collect-only", "-q", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected = _collected(result.stdout)
+    files = {re.sub(r"::.*", "", item).rsplit("/", 1)[-1] for item in collected}
+    assert files == {f"test_{a}.py" for a in ("health", "models", "chat", "single_token", "multi_token",
+                                               "savepoints", "dtype_size", "out_of_order", "bad_input")}, files
+    # A remote target cannot show its own start-up, so those tests are deselected, not failed or skipped.
+    assert not any("test_health_is_503_loading" in item for item in collected)
+
+
+def test_profiles_are_nested(tmp_path):
+    counts = {}
+    for profile in ("smoke", "core", "full"):
+        result = run_pytest(str(SUITES_DIR), "--profile", profile, "--collect-only", "-q", cwd=tmp_path, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        counts[profile] = _collected(result.stdout)
+    assert counts["smoke"] < counts["core"] < counts["full"], {k: len(v) for k, v in counts.items()}
+
+
+def test_the_plugin_is_inert_in_unrelated_runs(tmp_path):
+    (tmp_path / "test_unrelated.py").write_text(
+        "def test_no_conformance_fixtures(request):\n"
+        "    assert 'capture_client' not in request.fixturenames\n\n"
+        "def test_asking_for_one(capture_client):\n"
+        "    pass\n"
+    )
+    result = run_pytest("-q", "-rE", cwd=tmp_path, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 passed, 1 error" in result.stdout, result.stdout
+    assert "fixture 'capture_client' not found" in result.stdout, result.stdout
+    assert "capture-conformance" not in result.stdout, result.stdout
+
+
+# -- readable failures ------------------------------------------------------------------------------
+
+
+def _chat_route(mode: str):
+    def handler(r):
+        r.body()
+        if mode == "html":
+            return r.reply(200, raw=b"<!DOCTYPE html><title>Bad Gateway</title>", ctype="text/html")
+        if mode == "truncated":
+            return r.reply(200, raw=b'{"id": "chatcmpl-1", "object": "chat.comp', ctype="application/json")
+        if mode == "text":
+            return r.reply(200, raw=b'{"id": "chatcmpl-1"}', ctype="text/plain")
+        if mode == "incomplete":
+            return r.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "tiny-qwen3",
+                                 "choices": []})
+        import time
+
+        time.sleep(5)  # hang
+
+    return handler
+
+
+GARBAGE = {
+    "html": "POST /v1/chat/completions answered 200 text/html, not JSON: <!DOCTYPE html><title>Bad Gateway</title>",
+    "truncated": "POST /v1/chat/completions answered 200 with invalid JSON",
+    "text": "POST /v1/chat/completions answered 200 text/plain, not JSON",
+    "incomplete": "chat response should have exactly one choice (n=1), has 0",
+    "hang": "POST /v1/chat/completions got no answer within 1 s (--request-timeout)",
+}
+
+
+@pytest.mark.parametrize("mode", list(GARBAGE))
+def test_garbage_answers_fail_the_test_with_a_readable_message(tmp_path, mode):
+    routes = {**healthy_routes(), ("POST", "/v1/chat/completions"): _chat_route(mode)}
+    junit = tmp_path / "junit.xml"
+    with ScriptedServer(routes) as server:
+        result = run_pytest(f"{SUITES_DIR}/test_chat.py::test_response_is_an_openai_chat_completion",
+                            "--host", "127.0.0.1", "--port", str(server.port), "--request-timeout", "1",
+                            f"--junitxml={junit}", cwd=tmp_path, timeout=90)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (message,) = junit_failures(junit).values()
+    assert GARBAGE[mode] in message, message
+    for internal in ("JSONDecodeError", "KeyError", "TypeError", "IndexError", "INTERNALERROR"):
+        assert internal not in result.stdout + result.stderr, result.stdout
+
+
+# -- servers this run starts ------------------------------------------------------------------------------
+
+
+def test_a_server_that_dies_on_start_fails_the_run_at_once_with_its_log(tmp_path):
+    launch = "python -c \"import sys; print('model exploded: out of memory', flush=True); sys.exit(3)\" {port}"
+    result = run_pytest(f"{SUITES_DIR}/test_health.py", "--launch", launch, cwd=tmp_path, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "capture server exited with code 3 before it was ready" in output, output
+    assert "model exploded: out of memory" in output, output
+    assert "passed" not in output.splitlines()[-1], output
+
+
+def test_an_older_family_server_fails_multi_token_saying_it_captures_one_token(tmp_path):
+    junit = tmp_path / "junit.xml"
+    result = run_pytest(f"{SUITES_DIR}/test_multi_token.py", f"{SUITES_DIR}/test_health.py", "--launch",
+                        LEGACY_LAUNCH, f"--junitxml={junit}", cwd=tmp_path, timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    failures = junit_failures(junit)
+    passed = junit_passed(junit)
+    for steps in (2, 5, 16):
+        message = failures[f"test_all_token_logits_have_one_step_per_generated_token[{steps}]"]
+        assert f"single-token capture only: `_logits` is [1,1,V] for {steps} generated tokens" in message, message
+    # What the old server does right still passes: one-token capture, its own ids, early EOS bookkeeping.
+    assert "test_all_token_logits_have_one_step_per_generated_token[1]" in passed, failures
+    assert "test_greedy_argmax_is_the_generated_token_at_every_step[1]" in passed, failures
+    assert "test_health_is_ok_and_lists_the_model" in passed, failures
+    assert "has no 'protocol' field" in failures["test_health_reports_the_protocol_version"]
+
+
+def test_cli_reports_the_legacy_server_failing_at_single_token_level(tmp_path):
+    report_dir = tmp_path / "report"
+    result = run([sys.executable, "-m", "harness.cli", "--launch", LEGACY_LAUNCH, "--profile", "smoke",
+                  "--report-dir", str(report_dir)], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads((report_dir / "conformance-report.json").read_text())
+    assert report["passed"] is False and report["capture_level"] == "single-token", report
+    first = report["areas"]["multi_token"]["first_failure"]["message"]
+    assert first.startswith("single-token capture only: `_logits` is [1,1,V] for 5 generated tokens"), first
+    assert "capture level: single-token" in result.stdout, result.stdout
+
+
+def test_cli_passes_the_bundled_server_under_xdist_and_writes_the_report(tmp_path):
+    report_dir = tmp_path / "report"
+    result = run([sys.executable, "-m", "harness.cli", "--profile", "smoke", "--report-dir", str(report_dir),
+                  "--", "-n", "2"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((report_dir / "conformance-report.json").read_text())
+    assert report["passed"] is True, report
+    assert report["capture_level"] == "savepoints", report  # smoke runs no dtype/out-of-order/bad-input tests
+    assert report["model"] == "tiny-qwen3" and report["target"]["started_by_harness"] is True, report
+    assert report["ground_truth"]["source"].startswith("model config"), report
+    assert (report_dir / "conformance.junit.xml").is_file()
+    table = result.stdout[result.stdout.index("capture-conformance: http://127.0.0.1:"):]
+    assert re.search(r"multi_token\s+\d+\s+0\s+0", table), table
+    assert "capture level: savepoints    profile smoke: PASSED" in table, table
