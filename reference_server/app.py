@@ -42,7 +42,7 @@ def create_app(
     on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     owns_registry = registry is None  # shut down only what this app made
-    registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype)
+    registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
     store = store or RunStore(
         settings.storage_dir,
         max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),

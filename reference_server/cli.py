@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest max_tokens a request may ask for (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="(default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="concurrent greedy requests served by one generate; 1 turns batching off (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $CAPTURE_SERVER_API_KEY; none)")
@@ -61,6 +63,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_new_tokens_limit=args.max_new_tokens_limit,
         log_level=args.log_level,
         fault=args.fault,
+        max_batch=args.max_batch,
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         max_savepoints=args.max_savepoints,

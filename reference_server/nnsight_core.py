@@ -81,6 +81,26 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: GenerationParams
+    savepoints: list[PlannedSavepoint]
+    tokens: str = "all"
+    capture_dtype: torch.dtype = torch.float32
+
+    def batch_key(self):
+        """Requests with equal keys may share one generate; None: run alone.
+
+        Only greedy requests without stop strings are batched: one generate has one
+        sampling configuration and one RNG (a seeded request must not depend on its
+        neighbours), and stop strings would end other rows. max_tokens may differ.
+        """
+        if self.params.temperature > 0 or self.params.stop:
+            return None
+        return ("greedy",)
+
+
 @dataclass
 class Generation:
     token_ids: list[int]  # the generated ids only
@@ -273,6 +293,52 @@ class CaptureModel:
                 )
             tensors[sp.name] = torch.stack(steps_captured, dim=1).cpu()
         return self._finish(new_ids, tensors)
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Serve several compatible requests (same ``batch_key``) with one generate.
+
+        One nnsight invoke per request: each invoke sees only its own row, so each
+        request's tensors are those of its solo run within float rounding (prompts are
+        left-padded, and the attention mask hides the padding). Rows that end early
+        (EOS, their own max_tokens) are cut back to their own N afterwards.
+        """
+        if len(requests) == 1:
+            r = requests[0]
+            return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype)]
+        from dataclasses import replace
+
+        steps = max(r.params.max_new_tokens for r in requests)
+        plans = [sorted(r.savepoints, key=lambda sp: sp.site.rank) for r in requests]
+        sites = [[(self._envoy(sp.site.module_path), sp.site.io) for sp in plan] for plan in plans]
+        inputs = [torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device) for r in requests]
+        limits = [r.params.max_new_tokens for r in requests]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with self._nn.generate(**self._generate_kwargs(replace(requests[0].params, max_new_tokens=steps))) as tracer:
+                captured = nnsight.save([[[] for _ in plan] for plan in plans])
+                for row, (input_ids, row_sites, limit) in enumerate(zip(inputs, sites, limits)):
+                    with tracer.invoke(input_ids):
+                        for _step in tracer.iter[:limit]:
+                            for slot, (envoy, io) in enumerate(row_sites):
+                                value = _first_tensor(envoy.output if io == "output" else envoy.input)
+                                captured[row][slot].append(value[:, -1].detach().to(requests[row].capture_dtype, copy=True))
+                with tracer.invoke():
+                    result = nnsight.save(tracer.result)
+        prompt_width = max(len(r.prompt_ids) for r in requests)
+        generations = []
+        for row, request in enumerate(requests):
+            new_ids = result[row, prompt_width:][: request.params.max_new_tokens].tolist()
+            end = next((i + 1 for i, t in enumerate(new_ids) if t in self.eos_token_ids), len(new_ids))
+            new_ids = new_ids[:end]  # after its EOS a row only holds padding
+            tensors = {}
+            for sp, steps_captured in zip(plans[row], captured[row]):
+                if len(steps_captured) < len(new_ids):
+                    raise RuntimeError(f"captured {len(steps_captured)} steps of {sp.name!r} for {len(new_ids)} tokens")
+                chosen = {"all": steps_captured[: len(new_ids)], "first": steps_captured[:1],
+                          "last": steps_captured[len(new_ids) - 1 : len(new_ids)]}[request.tokens]
+                tensors[sp.name] = torch.stack(chosen, dim=1).cpu()
+            generations.append(self._finish(new_ids, tensors))
+        return generations
 
     def _finish(self, new_ids: list[int], tensors: dict[str, torch.Tensor]) -> Generation:
         hit_eos = bool(new_ids) and new_ids[-1] in self.eos_token_ids

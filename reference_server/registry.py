@@ -1,8 +1,9 @@
 """Loaded models, each with the one worker thread that runs its traces.
 
 nnsight 0.8 cannot run two traces on one model at once, so every call that
-touches a model goes through that model's single worker thread: calls are
-serialised per model by construction, and the event loop only awaits a future,
+touches a model goes through that model's single worker thread: traces are
+serialised per model by construction (concurrent requests are batched into one
+trace instead, see ModelWorker), and the event loop only awaits a future,
 so ``/health`` and other requests are answered while a generation runs. A
 client that disconnects does not cancel the call: the worker finishes it and
 moves on, so no lock is ever left held.
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from fixtures.tiny_model import resolve_model_path
@@ -25,23 +28,99 @@ T = TypeVar("T")
 
 
 class ModelWorker:
-    def __init__(self, model):
+    """The one thread that runs a model's traces, batching compatible generations.
+
+    Jobs queue in arrival order. When the thread takes a generation job, it also
+    takes up to ``max_batch - 1`` queued jobs with the same batch key (greedy, no
+    stop strings) and serves them all with one generate: requests that arrive
+    while a generation runs share the next one.
+    """
+
+    def __init__(self, model, max_batch: int = 1):
         self.model = model
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.model_id}")
+        self.max_batch = max(1, max_batch)
+        self._jobs: deque[_Job] = deque()
+        self._wakeup = threading.Condition()
+        self._stopped = False
+        self.batches_run: list[int] = []  # sizes of the batches served, newest last (bounded)
+        self._thread = threading.Thread(target=self._serve, name=f"model-{model.model_id}", daemon=True)
+        self._thread.start()
 
     async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        return await asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs))
+        """Run ``fn`` alone on the model's thread."""
+        return await self._submit(_Job(key=None, call=lambda: fn(*args, **kwargs)))
+
+    async def generate(self, request):
+        """Run one generation, possibly batched with others (see GenerationRequest.batch_key)."""
+        return await self._submit(_Job(key=request.batch_key(), request=request))
+
+    async def _submit(self, job: "_Job"):
+        with self._wakeup:
+            if self._stopped:
+                raise RuntimeError("model worker is shut down")
+            self._jobs.append(job)
+            self._wakeup.notify()
+        return await asyncio.wrap_future(job.future)
+
+    def _take_batch(self) -> list["_Job"]:
+        with self._wakeup:
+            while not self._jobs and not self._stopped:
+                self._wakeup.wait()
+            if self._stopped:
+                return []
+            first = self._jobs.popleft()
+            batch = [first]
+            if first.key is not None:
+                for job in list(self._jobs):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if job.key == first.key:
+                        self._jobs.remove(job)
+                        batch.append(job)
+            return batch
+
+    def _serve(self) -> None:
+        while batch := self._take_batch():
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            self.batches_run = (self.batches_run + [len(live)])[-1000:]
+            try:
+                if live[0].request is None:
+                    results = [live[0].call()]
+                else:
+                    results = self.model.generate_batch([job.request for job in live])
+            except BaseException as exc:  # every waiting request gets the error; the thread lives on
+                for job in live:
+                    job.future.set_exception(exc)
+                continue
+            for job, result in zip(live, results):
+                job.future.set_result(result)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wakeup:
+            self._stopped = True
+            for job in self._jobs:
+                job.future.cancel()
+            self._jobs.clear()
+            self._wakeup.notify_all()
+
+
+@dataclass(eq=False)
+class _Job:
+    key: object
+    request: object = None
+    call: Callable | None = None
+    future: Future = field(default_factory=Future)
 
 
 class ModelRegistry:
     """Model id -> worker. Loading is serialised; a failed load changes nothing."""
 
-    def __init__(self, device: str = "auto", dtype: str = "auto", loader: Callable | None = None):
+    def __init__(self, device: str = "auto", dtype: str = "auto", loader: Callable | None = None, max_batch: int = 8):
         self.device = device
         self.dtype = dtype
+        self.max_batch = max_batch
         self._loader = loader
         self._workers: dict[str, ModelWorker] = {}
         self._load_lock = threading.Lock()
@@ -66,7 +145,7 @@ class ModelRegistry:
             except Exception as exc:  # a broken checkpoint must not take the server down
                 log.exception("loading %r failed", model_id)
                 raise Unprocessable(f"model {model_id!r} could not be loaded: {_first_line(exc)}") from None
-            self._workers[model_id] = ModelWorker(model)
+            self._workers[model_id] = ModelWorker(model, max_batch=self.max_batch)
             return True
 
     def get(self, model_id: str | None) -> ModelWorker:

@@ -136,10 +136,10 @@ class CaptureService:
         return chat.render_prompt(model.tokenizer, messages)
 
     async def _generate(self, worker, prompt_ids, params, plan, options):
-        from .nnsight_core import DTYPES
+        from .nnsight_core import DTYPES, GenerationRequest
 
-        return await worker.run(
-            worker.model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
+        return await worker.generate(
+            GenerationRequest(prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]])
         )
 
     def _store(self, generation, plan, options) -> dict:
@@ -173,12 +173,12 @@ class CaptureService:
         worker = self.registry.get(req.model)
         model = worker.model
         max_new = self._max_tokens(req.max_new_tokens)
-        from .nnsight_core import GenerationParams
+        from .nnsight_core import GenerationParams, GenerationRequest
 
         prompt_ids = chat.encode_raw(model.tokenizer, req.prompt)
         plan = self._plan(model, DEFAULT_SAVEPOINTS)
-        generation = await worker.run(
-            model.generate, prompt_ids, GenerationParams(max_new_tokens=max_new), plan, "all", model.dtype
+        generation = await worker.generate(
+            GenerationRequest(prompt_ids, GenerationParams(max_new_tokens=max_new), plan, "all", model.dtype)
         )
         logits = generation.tensors["_logits"]
         return {

@@ -19,6 +19,7 @@ class Settings:
     max_new_tokens_limit: int = 4096
     default_max_tokens: int = 16
     log_level: str = "info"
+    max_batch: int = 8  # concurrent greedy requests served by one generate
     api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer <key>"
     max_body_bytes: int = 1 << 20
     max_savepoints: int = 64
