@@ -7,13 +7,14 @@ anything.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from .errors import CaptureError, NotReady
 from .guards import ApiKeyGuard, BodySizeLimit
@@ -121,9 +122,24 @@ def create_app(
         return await service.pure_nnsight(req)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> dict:
+    async def chat_completions(req: ChatRequest):
         require_ready()
-        return await service.chat_completion(req)
+        if not req.stream:
+            return await service.chat_completion(req)
+        prepared = service.prepare_chat(req)  # a refused request is a 4xx, not a stream
+
+        async def events():
+            try:
+                async for chunk in service.chat_completion_stream(prepared):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except CaptureError as exc:  # the status line is sent already: report in the stream
+                yield f"data: {json.dumps({'error': {'message': exc.detail, 'code': exc.status_code}})}\n\n"
+            except Exception as exc:
+                log.exception("streamed generation failed")
+                yield f"data: {json.dumps({'error': {'message': f'internal error ({type(exc).__name__})', 'code': 500}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     # A sync endpoint on purpose: it runs in anyio's thread pool, which is what
     # nnsight's `.save` mount breaks; the tests download through it after nnsight loaded.

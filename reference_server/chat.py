@@ -49,3 +49,36 @@ def complete(tokenizer, prompt_ids: list[int], new_ids: list[int], hit_eos: bool
         "total_tokens": len(prompt_ids) + len(new_ids),
     }
     return Completion(text=text, finish_reason="stop" if (hit_eos or stopped) else "length", usage=usage)
+
+
+class TextDeltas:
+    """Incremental text of a streamed completion, consistent with ``complete``'s final text.
+
+    A delta is only sent once it is printable (a byte-level token may end inside a
+    character) and cannot turn out to be the start of a stop string, so the
+    concatenated deltas equal the non-streamed ``message.content``.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.sent = ""
+
+    def push(self, ids: list[int]) -> str:
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            safe = text[:cut]
+        else:
+            safe = text[: len(text) - self._hold] if self._hold else text
+        safe = safe.rstrip("\ufffd")
+        if not safe.startswith(self.sent):
+            return ""
+        delta, self.sent = safe[len(self.sent):], safe
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        delta = final_text[len(self.sent):] if final_text.startswith(self.sent) else ""
+        self.sent = final_text
+        return delta

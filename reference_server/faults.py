@@ -64,8 +64,8 @@ def _wrap_generate(target: Target, change: Callable) -> None:
     """Replace the service's generate seam by one that edits its result: change(generation, plan, options)."""
     original = target.service._generate
 
-    async def generate(worker, prompt_ids, params, plan, options):
-        generation = await original(worker, prompt_ids, params, plan, options)
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
+        generation = await original(worker, prompt_ids, params, plan, options, **kw)
         change(generation, plan, options)
         return generation
 
@@ -160,10 +160,10 @@ def _state_leak(t: Target) -> None:
 def _last_is_first(t: Target) -> None:
     original = t.service._generate
 
-    async def generate(worker, prompt_ids, params, plan, options):
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
         if options["tokens"] == "last":
             options = {**options, "tokens": "first"}
-        return await original(worker, prompt_ids, params, plan, options)
+        return await original(worker, prompt_ids, params, plan, options, **kw)
 
     t.service._generate = generate
 
@@ -286,10 +286,10 @@ def _ids_skip_first(t: Target) -> None:
 def _plus_one(t: Target) -> None:
     original = t.service._generate
 
-    async def generate(worker, prompt_ids, params, plan, options):
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
         from dataclasses import replace
 
-        return await original(worker, prompt_ids, replace(params, max_new_tokens=params.max_new_tokens + 1), plan, options)
+        return await original(worker, prompt_ids, replace(params, max_new_tokens=params.max_new_tokens + 1), plan, options, **kw)
 
     t.service._generate = generate
 
@@ -298,10 +298,10 @@ def _plus_one(t: Target) -> None:
 def _stop_ignored(t: Target) -> None:
     original = t.service._generate
 
-    async def generate(worker, prompt_ids, params, plan, options):
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
         from dataclasses import replace
 
-        return await original(worker, prompt_ids, replace(params, stop=()), plan, options)
+        return await original(worker, prompt_ids, replace(params, stop=()), plan, options, **kw)
 
     t.service._generate = generate
 
@@ -313,7 +313,7 @@ def _stop_ignored(t: Target) -> None:
 def _no_lock(t: Target) -> None:
     import anyio
 
-    async def generate(worker, prompt_ids, params, plan, options):
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
         from .nnsight_core import DTYPES
 
         return await anyio.to_thread.run_sync(

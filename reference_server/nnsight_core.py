@@ -16,6 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 # ``import nnsight`` would otherwise mount ``.save`` on every Python object, which
 # breaks anyio's socket classes and with them every sync FastAPI endpoint.
@@ -88,6 +89,7 @@ class GenerationRequest:
     savepoints: list[PlannedSavepoint]
     tokens: str = "all"
     capture_dtype: torch.dtype = torch.float32
+    on_token: Callable[[int], None] | None = None  # called from the worker thread per generated token
 
     def batch_key(self):
         """Requests with equal keys may share one generate; None: run alone.
@@ -96,7 +98,7 @@ class GenerationRequest:
         sampling configuration and one RNG (a seeded request must not depend on its
         neighbours), and stop strings would end other rows. max_tokens may differ.
         """
-        if self.params.temperature > 0 or self.params.stop:
+        if self.params.temperature > 0 or self.params.stop or self.on_token is not None:
             return None
         return ("greedy",)
 
@@ -106,6 +108,24 @@ class Generation:
     token_ids: list[int]  # the generated ids only
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [1, T, ...] on CPU
     hit_eos: bool = False
+
+
+class _TokenStreamer:
+    """transformers' streamer protocol: ``put`` gets the prompt first, then each step's token."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self._on_token = on_token
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._on_token(int(token))
+
+    def end(self) -> None:
+        pass
 
 
 def _first_tensor(value):
@@ -251,15 +271,18 @@ class CaptureModel:
         savepoints: list[PlannedSavepoint],
         tokens: str = "all",
         capture_dtype: torch.dtype = torch.float32,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
         """Generate from ``prompt_ids``, capturing each savepoint at every step's last position."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        kwargs = self._generate_kwargs(params)
+        if on_token is not None:
+            kwargs["streamer"] = _TokenStreamer(on_token)
         if not savepoints:
             with torch.inference_mode():
-                out = self._module.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                            **self._generate_kwargs(params))
+                out = self._module.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
             return self._finish(out[0, len(prompt_ids):].tolist(), {})
         ordered = sorted(savepoints, key=lambda sp: sp.site.rank)
         sites = [(self._envoy(sp.site.module_path), sp.site.io) for sp in ordered]
@@ -268,7 +291,7 @@ class CaptureModel:
             # An open step loop ends when the model stops early (EOS, stop string);
             # nnsight warns that the remaining steps were "never reached". Expected here.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with self._nn.generate(**self._generate_kwargs(params)) as tracer:
+            with self._nn.generate(**kwargs) as tracer:
                 captured = nnsight.save([[] for _ in ordered])
                 with tracer.invoke(input_ids):
                     for _step in tracer.iter[:steps]:
@@ -304,7 +327,7 @@ class CaptureModel:
         """
         if len(requests) == 1:
             r = requests[0]
-            return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype)]
+            return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token)]
         from dataclasses import replace
 
         steps = max(r.params.max_new_tokens for r in requests)

@@ -12,6 +12,8 @@ import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
 
 from . import chat
 from .errors import BadRequest, Unprocessable
@@ -22,6 +24,19 @@ from .settings import Settings
 from .storage import RunStore
 
 DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}]
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A validated chat request, ready to generate."""
+
+    req: ChatRequest
+    worker: object
+    prompt_ids: list[int]
+    params: object
+    plan: list
+    options: dict
+    wants_capture: bool
 
 
 class CaptureService:
@@ -68,11 +83,10 @@ class CaptureService:
 
     # -- endpoints --------------------------------------------------------------
 
-    async def chat_completion(self, req: ChatRequest) -> dict:
+    def prepare_chat(self, req: ChatRequest) -> "PreparedChat":
+        """Everything that can be refused is refused here, before any generation or response starts."""
         if req.n != 1:
             raise BadRequest(f"n={req.n} is not supported: this server returns exactly one choice (n=1)")
-        if req.stream:
-            raise BadRequest("stream=true is not supported by this server yet")
         worker = self.registry.get(req.model)
         model = worker.model
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens)
@@ -95,8 +109,12 @@ class CaptureService:
             seed=req.seed,
             stop=stop,
         )
-        generation = await self._generate(worker, prompt_ids, params, plan, options)
-        completion = chat.complete(model.tokenizer, prompt_ids, generation.token_ids, generation.hit_eos, stop)
+        return PreparedChat(req, worker, prompt_ids, params, plan, options, wants_capture)
+
+    async def chat_completion(self, req: ChatRequest) -> dict:
+        prepared = self.prepare_chat(req)
+        generation = await self._generate(prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan, prepared.options)
+        completion = self._complete(prepared, generation)
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -112,9 +130,59 @@ class CaptureService:
             ],
             "usage": completion.usage,
         }
-        if wants_capture:
-            response.update(await asyncio.wrap_future(self._writer.submit(self._store, generation, plan, options)))
+        if prepared.wants_capture:
+            response.update(await self._store_async(generation, prepared))
         return response
+
+    async def chat_completion_stream(self, prepared: "PreparedChat") -> AsyncIterator[dict]:
+        """Chunks of a streamed completion: one per generated token, then the final one(s).
+
+        Token ids come from the worker thread as they are generated; the text delta of
+        each is what became printable (held back where a stop string might start).
+        """
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)  # noqa: E731
+        task = asyncio.ensure_future(self._generate(
+            prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan, prepared.options, on_token=on_token))
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": prepared.req.model}
+
+        def chunk(delta: dict, finish_reason=None, **extra) -> dict:
+            return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+
+        yield chunk({"role": "assistant", "content": ""})
+        tokenizer = prepared.worker.model.tokenizer
+        deltas = chat.TextDeltas(tokenizer, prepared.params.stop)
+        ids: list[int] = []
+        while True:
+            getter = asyncio.ensure_future(tokens.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                if tokens.empty():
+                    break
+                token = tokens.get_nowait()
+            else:
+                token = getter.result()
+            ids.append(token)
+            yield chunk({"content": deltas.push(ids)})
+        generation = await task  # raises here if the generation failed
+        completion = self._complete(prepared, generation)
+        capture = await self._store_async(generation, prepared) if prepared.wants_capture else {}
+        include_usage = bool(prepared.req.stream_options and prepared.req.stream_options.include_usage)
+        last = chunk({"content": deltas.finish(completion.text)}, completion.finish_reason,
+                     **({} if include_usage else capture))
+        yield last
+        if include_usage:
+            yield {**base, "choices": [], "usage": completion.usage, **capture}
+
+    def _complete(self, prepared: "PreparedChat", generation) -> "chat.Completion":
+        return chat.complete(prepared.worker.model.tokenizer, prepared.prompt_ids, generation.token_ids,
+                             generation.hit_eos, prepared.params.stop)
+
+    async def _store_async(self, generation, prepared: "PreparedChat") -> dict:
+        return await asyncio.wrap_future(self._writer.submit(self._store, generation, prepared.plan, prepared.options))
 
     def _check_capture_size(self, plan, max_tokens: int, options: dict) -> None:
         """Refuse, before generating, a request whose capture could exceed --max-capture-mb."""
@@ -135,11 +203,11 @@ class CaptureService:
     def _render_prompt(self, model, messages: list[dict]) -> list[int]:
         return chat.render_prompt(model.tokenizer, messages)
 
-    async def _generate(self, worker, prompt_ids, params, plan, options):
+    async def _generate(self, worker, prompt_ids, params, plan, options, on_token=None):
         from .nnsight_core import DTYPES, GenerationRequest
 
         return await worker.generate(
-            GenerationRequest(prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]])
+            GenerationRequest(prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]], on_token)
         )
 
     def _store(self, generation, plan, options) -> dict:

@@ -193,3 +193,35 @@ def test_capture_level_stops_at_the_first_failing_area():
     assert summarize(results(**{**everything, "single_token": "failed"})).capture_level == "none"
     assert summarize(results(**{**everything, "bad_input": "failed"})).capture_level == "savepoints"
     assert not summarize(results(**{**everything, "bad_input": "failed"})).passed
+
+
+# -- ground truth ---------------------------------------------------------------------------------------
+
+
+def test_ground_truth_prefers_the_model_config_then_the_options_then_the_server(tmp_path):
+    from harness.ground_truth import SOURCE_OPTIONS, SOURCE_SERVER, resolve_ground_truth
+
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(
+        '{"text_config": {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 3}, "eos_token_id": [7, 8]}')
+    server_block = {"vocab_size": 5, "hidden_size": 5, "num_layers": 5}
+
+    from_config = resolve_ground_truth(str(model_dir), server_capture_block=lambda: server_block)
+    assert (from_config.vocab_size, from_config.hidden_size, from_config.num_layers) == (1000, 64, 3)
+    assert from_config.source.startswith("model config") and from_config.independent
+    assert from_config.eos_token_ids == [7, 8]
+    assert from_config.tokenizer is None and "not loadable" in from_config.tokenizer_note  # no tokenizer files
+
+    with pytest.raises(ValueError, match="config.json says 1000"):
+        resolve_ground_truth(str(model_dir), expect_vocab=999)
+
+    from_options = resolve_ground_truth("org/not-here", expect_vocab=32000, expect_hidden=4096,
+                                        server_capture_block=lambda: server_block)
+    assert (from_options.vocab_size, from_options.hidden_size) == (32000, 4096)
+    assert from_options.source.startswith(SOURCE_OPTIONS) and "num_layers from server" in from_options.source
+    assert from_options.num_layers == 5 and from_options.independent
+
+    from_server = resolve_ground_truth("org/not-here", server_capture_block=lambda: server_block)
+    assert from_server.source == SOURCE_SERVER and not from_server.independent
+    assert from_server.tokenizer is None and "no local copy" in from_server.tokenizer_note

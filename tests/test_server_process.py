@@ -106,3 +106,20 @@ def test_a_model_that_cannot_load_stops_the_server_with_a_clear_error(tmp_path):
         server.stop()
     assert code != 0
     assert "failed to load" in server.log()
+
+
+def test_openai_client_streams_token_by_token(server_process):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server_process.url + "/v1", api_key="unused")
+    kwargs = dict(model="tiny-qwen3", messages=[{"role": "user", "content": "Tell me a short story about a fox."}],
+                  max_tokens=8, temperature=0, extra_body={"capture": {"tokens": "all"}})
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 6  # token by token, not one blob
+    final = chunks[-1]
+    assert final.usage.completion_tokens == 8
+    assert final.model_extra["activations_meta"]["_logits"]["shape"] == [1, 8, 151936]
+    assert final.model_extra["completion_token_ids"] == plain.model_extra["completion_token_ids"]
