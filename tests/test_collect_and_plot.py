@@ -1,0 +1,103 @@
+"""capture-collect and capture-plot against the bundled server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ServerProcess
+from harness.collect import extract_answer
+from harness.plot import token_statistics
+
+SAMPLE = "fixtures/gsm8k_sample.jsonl"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so 3 + 4 = 7.\n#### 7", "7"),
+    ("#### $1,200", "1200"),
+    ("The answer is 12.50 dollars", "12.5"),
+    ("first 3 then 45.", "45"),
+    ("#### -4", "-4"),
+    ("no digits here", None),
+    ("#### 10.0 and later 99", "10"),
+])
+def test_gsm8k_answer_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_token_statistics_match_torch():
+    logits = np.random.default_rng(0).normal(size=(5, 50)).astype(np.float32) * 4
+    top1, entropy = token_statistics(logits)
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=-1)
+    np.testing.assert_allclose(top1, probs.max(-1).values.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(entropy, -(probs * probs.log()).sum(-1).numpy(), rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    proc = ServerProcess(tmp_path_factory.mktemp("collect-server"))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def collect(server, out, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "harness.collect", "--input", SAMPLE, "--out", str(out), "--url", server.url,
+         "--savepoints", "lm_head", "h0=model.layers[0]", "--max-tokens", "24", *extra],
+        capture_output=True, text=True, timeout=600)
+
+
+def test_collect_writes_manifest_and_files_and_resumes(server, tmp_path):
+    out = tmp_path / "gsm"
+    first = collect(server, out, "--limit", "3")
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["sample-000", "sample-001", "sample-002"]
+    for record in records:
+        n = record["usage"]["completion_tokens"]
+        assert record["activations"]["lm_head"]["shape"] == [1, n, 151936]
+        assert record["activations"]["h0"]["shape"] == [1, n, 256]
+        assert (out / record["activations"]["h0"]["file"]).is_file()
+        assert record["gold_answer"] == extract_answer(record["gold_answer"])
+    refused = collect(server, out, "--limit", "5")
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = collect(server, out, "--limit", "5", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "3 done already, 2 to go" in resumed.stderr
+    again = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in again] == [f"sample-{i:03d}" for i in range(5)]
+    assert again[:3] == records  # done work is not redone
+    correct = sum(r["correct"] for r in again)
+    assert f"accuracy: {correct}/5 = {100 * correct / 5:.1f}%" in resumed.stdout
+
+
+def test_collect_can_record_server_paths_only(server, tmp_path):
+    out = tmp_path / "paths"
+    result = collect(server, out, "--limit", "1", "--no-download")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "manifest.jsonl").read_text())
+    assert "file" not in record["activations"]["lm_head"]
+    assert record["activations"]["lm_head"]["server_path"].startswith(str(server.storage.resolve()))
+    assert not (out / "files").exists()
+
+
+def test_plot_writes_a_png_of_a_collected_problem_and_of_a_server_run(server, tmp_path):
+    out = tmp_path / "gsm"
+    assert collect(server, out, "--limit", "1").returncode == 0
+    record = json.loads((out / "manifest.jsonl").read_text())
+    for run_dir in (out / "files" / record["id"], server.storage / record["activation_run_id"]):
+        png = tmp_path / f"{run_dir.name}.png"
+        result = subprocess.run([sys.executable, "-m", "harness.plot", str(run_dir), "--out", str(png)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
