@@ -1,0 +1,106 @@
+"""Fixtures of the conformance suites.
+
+Imported by ``suites/conftest.py`` only, so that they exist where the suites are
+collected and nowhere else: installing the plugin must not add a ``capture_client``
+fixture (or start a server) in some unrelated project's tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.client import CaptureClient, ServerFault
+from harness.ground_truth import GroundTruth, resolve_ground_truth
+from harness.plugin import STATE, Options, Target, acquire_target
+from harness.runs import CaptureRuns
+from harness.snapshots import DEFAULT_ROOT, ShapeSnapshot
+
+
+@pytest.fixture(scope="session")
+def capture_options(pytestconfig: pytest.Config) -> Options:
+    return Options.of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def capture_target(pytestconfig: pytest.Config) -> Target:
+    return acquire_target(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def capture_client(capture_target: Target, capture_options: Options) -> CaptureClient:
+    return CaptureClient(capture_target.base_url, api_key=capture_options.api_key,
+                         timeout_s=capture_options.request_timeout, on_connection_error=capture_target.death_note)
+
+
+@pytest.fixture(scope="session")
+def capture_model(capture_client: CaptureClient, capture_target: Target, capture_options: Options,
+                  pytestconfig: pytest.Config) -> str:
+    """The model under test, loaded on the target (``/models/load`` when it is not yet)."""
+    health = capture_client.health().ok_json()
+    loaded = health.get("loaded_models")
+    loaded = loaded if isinstance(loaded, list) else []
+    model = capture_options.model or capture_target.expected_model
+    if model is None:
+        if not loaded:
+            pytest.fail(f"cannot tell which model to test: /health lists no loaded_models ({health}); pass --model",
+                        pytrace=False)
+        model = str(loaded[0])
+    if model not in loaded:
+        answer = capture_client.load_model(model)
+        if answer.status != 200:
+            pytest.fail(f"--model {model!r} is not loaded on the target and loading it failed: {answer.describe()}",
+                        pytrace=False)
+    _record_fact(pytestconfig, "model", model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def ground_truth(capture_model: str, capture_client: CaptureClient, capture_options: Options,
+                 pytestconfig: pytest.Config) -> GroundTruth:
+    def server_capture_block() -> dict | None:
+        try:
+            entries = capture_client.models().ok_json().get("data") or []
+        except ServerFault:
+            return None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("id") == capture_model and isinstance(entry.get("capture"), dict):
+                return entry["capture"]
+        return None
+
+    try:
+        truth = resolve_ground_truth(capture_model, expect_vocab=capture_options.expect_vocab,
+                                     expect_hidden=capture_options.expect_hidden,
+                                     expect_layers=capture_options.expect_layers,
+                                     server_capture_block=server_capture_block)
+    except ValueError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    _record_fact(pytestconfig, "ground_truth", {
+        "vocab_size": truth.vocab_size, "hidden_size": truth.hidden_size, "num_layers": truth.num_layers,
+        "source": truth.source, "independent": truth.independent,
+        "tokenizer": "from the local model directory" if truth.model_dir else truth.tokenizer_note,
+    })
+    if not (truth.vocab_size and truth.hidden_size):
+        pytest.fail(f"no ground truth for {capture_model}: no local config.json, no --expect-vocab/--expect-hidden, "
+                    f"and the server's /v1/models gives no capture block", pytrace=False)
+    return truth
+
+
+@pytest.fixture(scope="session")
+def capture_runs(capture_client: CaptureClient, capture_model: str) -> CaptureRuns:
+    return CaptureRuns(capture_client, capture_model)
+
+
+@pytest.fixture
+def shape_snapshot(snapshot, capture_model: str, ground_truth: GroundTruth, capture_options: Options,
+                   pytestconfig: pytest.Config) -> ShapeSnapshot:
+    root = Path(capture_options.snapshot_dir) if capture_options.snapshot_dir else DEFAULT_ROOT
+    return ShapeSnapshot(snapshot, capture_model, root, ground_truth.dims(),
+                         updating=bool(pytestconfig.getoption("update_snapshots", False)))
+
+
+def _record_fact(config: pytest.Config, key: str, value: object) -> None:
+    """Facts for the report (model, ground truth source); xdist workers send them to the controller."""
+    state = config.stash[STATE]
+    state.facts[key] = value

@@ -1,0 +1,44 @@
+"""Is the given ``--host`` a capture server at all? Answered once, before any test runs.
+
+A reverse proxy's splash page answers 200 to everything; a different service
+on the port answers 404; a stopped server refuses the connection. Each would
+otherwise become hundreds of identical test failures, so the run stops with
+one line instead. A server that says it is still loading (503 ``loading``) is
+waited for, up to ``--startup-timeout``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from harness.client import CaptureClient, ServerFault, excerpt
+
+LOADING_POLL_S = 1.0
+
+
+def probe_capture_server(base_url: str, api_key: str | None, wait_loading_s: float) -> str | None:
+    """None when ``base_url`` answers ``/health`` like a capture server, else one line saying why not."""
+    client = CaptureClient(base_url, api_key=api_key, timeout_s=10.0)
+    deadline = time.monotonic() + wait_loading_s
+    while True:
+        try:
+            answer = client.health()
+        except ServerFault as exc:
+            return f"capture-conformance: {base_url} is unreachable: {str(exc).splitlines()[0]}"
+        body = None
+        try:
+            body = answer.json()
+        except ServerFault:
+            pass
+        if not isinstance(body, dict) or "status" not in body:
+            kind = answer.content_type or "no content type"
+            return (f"capture-conformance: {base_url} is not a capture server: GET /health answered "
+                    f"{answer.status} {kind}, not the protocol's JSON with 'status': "
+                    f"{excerpt(answer.content, 120) or '<empty body>'}")
+        if answer.status == 503 and body.get("status") == "loading" and time.monotonic() < deadline:
+            time.sleep(LOADING_POLL_S)
+            continue
+        if answer.status != 200:
+            return (f"capture-conformance: {base_url} is not ready: GET /health answered {answer.status} "
+                    f"{excerpt(answer.content, 120)}")
+        return None

@@ -1,0 +1,221 @@
+"""The conformance report: a per-area table, the capture level reached, ``conformance-report.json``.
+
+A pytest plugin object, registered by ``--conformance-report DIR`` (which
+``capture-conformance`` always passes), so plain ``pytest`` and the CLI produce
+the same report from the same run. Under pytest-xdist it lives in the
+controller, which sees every worker's test reports.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import PROTOCOL_VERSION
+
+REPORT_FILE = "conformance-report.json"
+AREAS = ["health", "models", "chat", "single_token", "multi_token", "savepoints", "dtype_size", "out_of_order",
+         "bad_input"]
+# Each level needs its areas (and those of the levels below) to have run and passed.
+LEVELS = [
+    ("single-token", ["single_token"]),
+    ("multi-token", ["multi_token"]),
+    ("savepoints", ["savepoints"]),
+    ("full", AREAS),
+]
+MESSAGE_CHARS = 400
+
+
+@dataclass
+class CaseResult:
+    nodeid: str
+    area: str
+    outcome: str  # passed, failed, error, skipped
+    duration_s: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class AreaSummary:
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    first_failure: dict | None = None
+
+    @property
+    def clean(self) -> bool:
+        return self.passed > 0 and self.failed == 0 and self.errors == 0
+
+
+@dataclass
+class Summary:
+    areas: dict[str, AreaSummary] = field(default_factory=dict)
+    capture_level: str = "none"
+    passed: bool = False
+
+
+def area_of(nodeid: str) -> str:
+    stem = Path(nodeid.split("::", 1)[0]).stem
+    return stem.removeprefix("test_")
+
+
+def summarize(results: list[CaseResult]) -> Summary:
+    summary = Summary()
+    for area in AREAS:
+        if any(r.area == area for r in results):
+            summary.areas[area] = AreaSummary()
+    for result in results:
+        area = summary.areas.setdefault(result.area, AreaSummary())
+        if result.outcome == "passed":
+            area.passed += 1
+        elif result.outcome == "skipped":
+            area.skipped += 1
+        else:
+            if result.outcome == "failed":
+                area.failed += 1
+            else:
+                area.errors += 1
+            if area.first_failure is None:
+                area.first_failure = {"test": result.nodeid.split("::", 1)[-1], "message": result.message}
+    clean = {name for name, area in summary.areas.items() if area.clean}
+    needed: set[str] = set()
+    for level, areas in LEVELS:
+        needed |= set(areas)
+        if needed <= clean:
+            summary.capture_level = level
+        else:
+            break
+    summary.passed = bool(results) and all(a.failed == 0 and a.errors == 0 for a in summary.areas.values()) and any(
+        a.passed for a in summary.areas.values())
+    return summary
+
+
+def _message(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if longrepr is None:
+        return ""
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # a skip: (path, line, reason)
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(longrepr)
+    text = text.strip()
+    for prefix in ("AssertionError: ", "harness.client.ServerFault: ", "Failed: "):
+        text = text.removeprefix(prefix)
+    return text[:MESSAGE_CHARS]
+
+
+class ConformanceReport:
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.directory = Path(config.getoption("conformance_report"))
+        self.results: dict[str, CaseResult] = {}
+        self.started = time.time()
+        self.exit_status: int | None = None
+        self._summary: Summary | None = None
+
+    # -- collecting ---------------------------------------------------------------------------
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from harness.plugin import SUITES_DIR
+
+        path = Path(str(getattr(report, "fspath", "") or report.nodeid.split("::", 1)[0]))
+        if not path.is_absolute():
+            path = self.config.rootpath / path
+        try:
+            path.resolve().relative_to(SUITES_DIR.resolve())
+        except ValueError:
+            return  # not a conformance test
+        result = self.results.get(report.nodeid)
+        if result is None:
+            result = self.results[report.nodeid] = CaseResult(report.nodeid, area_of(report.nodeid), "passed")
+        result.duration_s += report.duration
+        if report.when == "call":
+            if report.failed:
+                result.outcome, result.message = "failed", _message(report)
+            elif report.skipped:
+                result.outcome, result.message = "skipped", _message(report)
+        elif report.failed and result.outcome != "failed":
+            result.outcome, result.message = "error", f"error in {report.when}: {_message(report)}"
+        elif report.skipped and report.when == "setup":
+            result.outcome, result.message = "skipped", _message(report)
+
+    # -- results ------------------------------------------------------------------------------
+
+    @property
+    def summary(self) -> Summary:
+        if self._summary is None:
+            self._summary = summarize(list(self.results.values()))
+        return self._summary
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.exit_status = int(exitstatus)
+        self._summary = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / REPORT_FILE).write_text(json.dumps(self.as_json(), indent=2) + "\n")
+
+    def as_json(self) -> dict[str, Any]:
+        from harness.plugin import STATE, Options
+
+        options = Options.of(self.config)
+        state = self.config.stash.get(STATE, None)
+        facts = dict(state.facts) if state else {}
+        target = state.target if state else None
+        summary = self.summary
+        return {
+            "tool": "capture-conformance",
+            "protocol": PROTOCOL_VERSION,
+            "passed": summary.passed and self.exit_status in (0, None),
+            "capture_level": summary.capture_level,
+            "profile": options.profile,
+            "target": {
+                "url": target.base_url if target else options.remote_url,
+                "started_by_harness": bool(target.managed) if target else options.remote_url is None,
+                "command": target.command if target else options.launch,
+            },
+            "model": facts.get("model", options.model),
+            "ground_truth": facts.get("ground_truth"),
+            "pytest_exit_status": self.exit_status,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "duration_s": round(time.time() - self.started, 2),
+            "python": platform.python_version(),
+            "areas": {name: {**asdict(area)} for name, area in summary.areas.items()},
+            "tests": [asdict(r) for r in self.results.values()],
+        }
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        for line in self.table_lines():
+            terminalreporter.write_line(line)
+
+    def table_lines(self) -> list[str]:
+        summary = summarize(list(self.results.values()))
+        report = self.as_json()
+        truth = report["ground_truth"] or {}
+        lines = [
+            "",
+            f"capture-conformance: {report['target']['url'] or '(no target)'}  model {report['model']}  "
+            f"profile {report['profile']}",
+            f"ground truth: {truth.get('source', 'not established')}",
+            f"{'area':<14}{'passed':>7}{'failed':>7}{'skipped':>8}  first failure",
+        ]
+        for name, area in summary.areas.items():
+            failed = area.failed + area.errors
+            first = ""
+            if area.first_failure:
+                first = f"{area.first_failure['test']}: {area.first_failure['message'].splitlines()[0][:110]}"
+            else:
+                skipped = [r for r in self.results.values() if r.area == name and r.outcome == "skipped"]
+                if skipped:
+                    first = f"(skipped: {skipped[0].message.splitlines()[0][:100] if skipped[0].message else ''})"
+            lines.append(f"{name:<14}{area.passed:>7}{failed:>7}{area.skipped:>8}  {first}")
+        verdict = "PASSED" if summary.passed else "FAILED"
+        lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
+        lines.append(f"report: {self.directory / REPORT_FILE}")
+        return lines

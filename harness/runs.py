@@ -1,0 +1,89 @@
+"""Chat requests with capture, and their tensors, fetched once per session and shared.
+
+Many checks look at the same capture (a 5-token greedy story: its shape, its
+argmax, its file, its snapshot). Asking once keeps the suites fast; greedy
+answers are deterministic, so sharing loses nothing. Tests that need a fresh
+answer (concurrency, state leaks) pass ``cached=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Mapping, Sequence
+
+from harness.client import CaptureClient, ServerFault
+from harness.responses import Completion, SavepointMeta
+from harness.tensors import LoadedTensor, load_tensor_file, size_cap
+
+
+class CaptureRuns:
+    def __init__(self, client: CaptureClient, model: str):
+        self.client = client
+        self.model = model
+        self._completions: dict[str, Completion] = {}
+        self._files: dict[tuple[str, str], bytes] = {}
+        self._lock = threading.Lock()
+
+    def request_body(self, messages: Sequence[Mapping[str, str]] | str, max_tokens: int | None,
+                     **extra: Any) -> dict:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        body: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": 0.0}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        body.update({k: v for k, v in extra.items() if v is not None})
+        return body
+
+    def chat(self, messages: Sequence[Mapping[str, str]] | str, max_tokens: int | None = None, *,
+             cached: bool = True, **extra: Any) -> Completion:
+        """A 200 chat completion (``capture=...`` or ``store_activations=True`` for tensors)."""
+        body = self.request_body(messages, max_tokens, **extra)
+        key = json.dumps(body, sort_keys=True)
+        if cached:
+            with self._lock:
+                if key in self._completions:
+                    return self._completions[key]
+        answer = self.client.post("/v1/chat/completions", body)
+        completion = Completion(answer.ok_json(), body)
+        if cached:
+            with self._lock:
+                self._completions.setdefault(key, completion)
+        return completion
+
+    def capture(self, messages: Sequence[Mapping[str, str]] | str, max_tokens: int, *,
+                savepoints: list | None = None, tokens: str | None = None, dtype: str | None = None,
+                file_format: str | None = None, cached: bool = True, **extra: Any) -> Completion:
+        """A chat with a ``capture`` object (only the given fields are sent)."""
+        capture = {k: v for k, v in (("savepoints", savepoints), ("tokens", tokens), ("dtype", dtype),
+                                     ("format", file_format)) if v is not None}
+        return self.chat(messages, max_tokens, capture=capture, cached=cached, **extra)
+
+    def file_bytes(self, completion: Completion, name: str) -> bytes:
+        """The savepoint's file, downloaded from its ``url`` within the advertised size."""
+        meta = completion.savepoint(name)
+        key = (completion.run_id if "activation_run_id" in completion.body else "?", name)
+        with self._lock:
+            if key in self._files:
+                return self._files[key]
+        url = _url_of(meta)
+        data = self.client.download(url, max_bytes=size_cap(meta.advertised_numel, meta.dtype),
+                                    what=f"savepoint {name!r} ({url})")
+        with self._lock:
+            self._files[key] = data
+        return data
+
+    def tensor(self, completion: Completion, name: str) -> LoadedTensor:
+        meta = completion.savepoint(name)
+        data = self.file_bytes(completion, name)
+        return load_tensor_file(data, what=f"savepoint {name!r}", declared_format=meta.raw.get("format"))
+
+
+def _url_of(meta: SavepointMeta) -> str:
+    url = meta.raw.get("url")
+    if not isinstance(url, str) or not url:
+        raise ServerFault(
+            f"activations_meta[{meta.name!r}] has no url to download the file from "
+            f"(keys: {sorted(meta.raw)}); the harness cannot check the stored tensor"
+        )
+    return url

@@ -1,0 +1,11 @@
+"""Activates the harness's fixtures for the suites, and only for them."""
+
+from harness.fixtures import (  # noqa: F401  (pytest finds fixtures by name in this module)
+    capture_client,
+    capture_model,
+    capture_options,
+    capture_runs,
+    capture_target,
+    ground_truth,
+    shape_snapshot,
+)

@@ -1,0 +1,124 @@
+"""Area bad_input: every client mistake of the protocol gets its 4xx, and the server carries on.
+
+Each case checks the status, the ``{"detail": ...}`` body without a traceback,
+that the detail names the culprit where the protocol says so, and then that
+``/health`` is still 200 and a valid request is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from harness import prompts
+from harness.checks import expect_client_error
+
+CLIENT_ERROR = (400, 422)
+
+
+@dataclass
+class Case:
+    id: str
+    body: Any = None  # merged into a valid chat request unless raw/path say otherwise
+    expect: tuple[int, ...] = CLIENT_ERROR
+    mention: str | None = None
+    raw: bytes | None = None  # sent as-is with a JSON content type
+    method: str = "POST"
+    path: str = "/v1/chat/completions"
+    replace: bool = False  # body replaces the valid request instead of updating it
+    drop: list[str] = field(default_factory=list)
+
+
+def _capture(**capture) -> dict:
+    return {"capture": capture}
+
+
+CHAT_CASES = [
+    Case("malformed-json", raw=b'{"model": "x", "messages": [{"role": '),
+    Case("body-not-an-object", body=[1, 2, 3], replace=True),
+    Case("missing-messages", drop=["messages"]),
+    Case("messages-not-a-list", body={"messages": "hello"}),
+    Case("message-without-content", body={"messages": [{"role": "user"}]}),
+    Case("content-not-a-string", body={"messages": [{"role": "user", "content": {"text": 5}}]}),
+    Case("max-tokens-zero", body={"max_tokens": 0}),
+    Case("max-tokens-negative", body={"max_tokens": -3}),
+    Case("max-tokens-not-a-number", body={"max_tokens": "five"}),
+    Case("temperature-not-a-number", body={"temperature": "hot"}),
+    Case("n-2", body={"n": 2}, expect=(400,)),
+    Case("unknown-model", body={"model": "capture-conformance/no-such-model"}, expect=(404,)),
+    Case("unknown-selector", body=_capture(savepoints=["model.no_such_module"]), expect=(422,),
+         mention="model.no_such_module"),
+    Case("unknown-selector-in-object", body=_capture(savepoints=[{"name": "x", "selector": "lm_headz"}]),
+         expect=(422,), mention="lm_headz"),
+    Case("selector-out-of-range", body=_capture(savepoints=["model.layers[99999]"]), expect=(422,),
+         mention="model.layers[99999]"),
+    Case("selector-is-code", body=_capture(savepoints=["__import__('os').getcwd()"]), expect=(422,)),
+    Case("selector-reaches-outside-the-model", body=_capture(savepoints=["__class__.__init__"]), expect=(422,)),
+    Case("selector-empty-segment", body=_capture(savepoints=["lm_head..output"]), expect=(422,)),
+    Case("duplicate-savepoint-names", body=_capture(savepoints=[{"name": "a", "selector": "lm_head"},
+                                                                 {"name": "a", "selector": "model.layers[0]"}]),
+         expect=(422,)),
+    Case("savepoints-not-a-list", body=_capture(savepoints="lm_head")),
+    Case("capture-not-an-object", body={"capture": "all"}),
+    Case("unknown-dtype", body=_capture(dtype="float64"), expect=(422,)),
+    Case("unknown-format", body=_capture(format="npy"), expect=(422,)),
+    Case("unknown-tokens", body=_capture(tokens="middle"), expect=(422,)),
+]
+
+OTHER_CASES = [
+    Case("load-without-model-id", path="/models/load", body={"dtype": "float32"}, replace=True),
+    Case("load-unknown-dtype", path="/models/load", body={"model_id": "{model}", "dtype": "float64"},
+         replace=True, expect=(422,)),
+    Case("pure-max-new-tokens-not-a-number", path="/test_pure_nnsight", body={"max_new_tokens": "many"},
+         replace=True),
+    Case("unknown-run", method="GET", path="/v1/activations/no-such-run-0/_logits", expect=(404,)),
+    Case("unknown-file-of-a-real-run", method="GET", path="/v1/activations/{run}/no_such_savepoint", expect=(404,)),
+    Case("dot-dot-in-the-file", method="GET", path="/v1/activations/{run}/..%2F..%2F..%2Fetc%2Fpasswd",
+         expect=(404,)),
+    Case("dot-dot-as-the-run", method="GET", path="/v1/activations/..%2F..%2Fetc/passwd", expect=(404,)),
+    Case("dot-dot-run-and-file", method="GET", path="/v1/activations/%2E%2E/%2E%2E", expect=(404,)),
+    Case("delete-unknown-run", method="DELETE", path="/v1/activations/no-such-run-0", expect=(404,)),
+]
+
+
+@pytest.fixture(scope="module")
+def real_run(capture_runs) -> str:
+    """A run that exists, so that 'unknown file' is not just 'unknown run'."""
+    return capture_runs.chat(prompts.STORY, 1, store_activations=True).run_id
+
+
+def _send(capture_client, capture_model, case: Case, run_id: str):
+    path = case.path.replace("{run}", run_id)
+    if case.raw is not None:
+        return capture_client.request(case.method, path, data=case.raw, headers={"Content-Type": "application/json"})
+    if case.method != "POST":
+        return capture_client.request(case.method, path)
+    if case.replace:
+        body = case.body
+        if isinstance(body, dict):
+            body = {k: (capture_model if v == "{model}" else v) for k, v in body.items()}
+    else:
+        body = {"model": capture_model, "messages": [{"role": "user", "content": prompts.STORY}], "max_tokens": 2,
+                "temperature": 0.0}
+        body.update(case.body or {})
+        for key in case.drop:
+            body.pop(key, None)
+    return capture_client.post(path, body)
+
+
+def _still_serving(capture_client, capture_runs, after: str) -> None:
+    health = capture_client.health()
+    assert health.status == 200, f"after {after}, /health is not 200: {health.describe()}"
+    completion = capture_runs.chat(prompts.STORY, 1, store_activations=True, cached=False)
+    assert completion.usage.completion_tokens == 1 and "_logits" in completion.meta, (
+        f"after {after}, a valid capture request was not served properly: {completion.body}")
+
+
+@pytest.mark.parametrize("case", CHAT_CASES + OTHER_CASES, ids=lambda c: c.id)
+def test_bad_input_is_a_client_error_and_the_server_carries_on(capture_client, capture_runs, capture_model,
+                                                                  real_run, case):
+    answer = _send(capture_client, capture_model, case, real_run)
+    expect_client_error(answer, case.expect, mention=case.mention)
+    _still_serving(capture_client, capture_runs, f"{case.id} ({answer.status})")

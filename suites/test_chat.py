@@ -1,0 +1,118 @@
+"""Area chat: the OpenAI response, the chat template, ``usage``, ``max_tokens`` and ``stop``."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import prompts
+from harness.checks import expect_token_counts
+
+
+def _needs_tokenizer(ground_truth) -> None:
+    if ground_truth.tokenizer is None:
+        pytest.skip(f"not verifiable without the model's tokenizer: {ground_truth.tokenizer_note}")
+
+
+@pytest.mark.smoke
+def test_response_is_an_openai_chat_completion(capture_runs, capture_model):
+    completion = capture_runs.chat(prompts.STORY, 4)
+    body = completion.body
+    assert isinstance(body.get("id"), str) and body["id"], f"'id' should be a non-empty string: {body.get('id')!r}"
+    assert body.get("object") == "chat.completion", f"'object' should be 'chat.completion': {body.get('object')!r}"
+    assert isinstance(body.get("created"), int), f"'created' should be a unix time: {body.get('created')!r}"
+    assert body.get("model") == capture_model, f"'model' should echo {capture_model!r}: {body.get('model')!r}"
+    choice = completion.choice
+    assert choice.get("index") == 0, f"choices[0].index should be 0: {choice}"
+    assert choice.get("message", {}).get("role") == "assistant", f"message role should be 'assistant': {choice}"
+    assert isinstance(completion.content, str) and completion.content, "the completion's content is empty"
+    assert completion.finish_reason in ("stop", "length"), f"finish_reason {completion.finish_reason!r}"
+    usage = completion.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens, f"usage does not add up: {usage}"
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0, f"usage counts nothing: {usage}"
+
+
+def test_no_capture_fields_unless_asked(capture_runs):
+    body = capture_runs.chat(prompts.STORY, 4).body
+    extra = [k for k in ("activations_meta", "activation_run_id") if k in body]
+    assert not extra, f"capture was not asked for, yet the response has {extra}: the server captures every request"
+
+
+@pytest.mark.parametrize("conversation", list(prompts.CONVERSATIONS), ids=list(prompts.CONVERSATIONS))
+def test_prompt_tokens_equal_the_chat_template_rendering(capture_runs, ground_truth, conversation):
+    _needs_tokenizer(ground_truth)
+    messages = prompts.CONVERSATIONS[conversation]
+    completion = capture_runs.chat(messages, 2)
+    expected = len(ground_truth.prompt_ids(messages))
+    got = completion.usage.prompt_tokens
+    if got != expected:
+        raw = len(ground_truth.tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"])
+        hint = " (close to the raw contents' length: was the chat template applied?)" if abs(got - raw) < abs(got - expected) else ""
+        raise AssertionError(
+            f"usage.prompt_tokens is {got}, but the model's chat template renders this conversation to "
+            f"{expected} tokens{hint}; raw contents are {raw} tokens")
+
+
+def test_usage_counts_the_generated_tokens(capture_runs):
+    completion = capture_runs.chat(prompts.STORY, 8, store_activations=True)
+    expect_token_counts(completion, expected_steps=8)
+    usage = completion.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens, f"usage does not add up: {usage}"
+
+
+def test_completion_token_ids_decode_to_the_content(capture_runs, ground_truth):
+    _needs_tokenizer(ground_truth)
+    completion = capture_runs.chat(prompts.STORY, 8, store_activations=True)
+    decoded = ground_truth.decode(completion.token_ids)
+    assert decoded.strip() == completion.content.strip(), (
+        f"completion_token_ids decode to {decoded!r}, the message content is {completion.content!r}")
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3, 8])
+def test_max_tokens_is_honoured(capture_runs, max_tokens):
+    completion = capture_runs.chat(prompts.STORY, max_tokens)
+    assert completion.usage.completion_tokens == max_tokens, (
+        f"max_tokens={max_tokens} on a story prompt gave {completion.usage.completion_tokens} tokens")
+    assert completion.finish_reason == "length", (
+        f"stopping at max_tokens should give finish_reason 'length', got {completion.finish_reason!r}")
+
+
+def test_max_completion_tokens_is_honoured(capture_runs):
+    completion = capture_runs.chat(prompts.STORY, None, max_completion_tokens=4)
+    assert completion.usage.completion_tokens == 4, (
+        f"max_completion_tokens=4 gave {completion.usage.completion_tokens} tokens")
+
+
+def test_stop_string_ends_the_completion_before_it(capture_runs):
+    free = capture_runs.chat(prompts.STORY, 16)
+    text = free.content
+    words = text.split()
+    assert len(words) >= 4, f"the greedy story is too short to pick a stop string from: {text!r}"
+    stop = words[3]
+    expected = text[: text.find(stop)]
+    stopped = capture_runs.chat(prompts.STORY, 16, stop=[stop])
+    assert stopped.finish_reason == "stop", (
+        f"stop={stop!r} (taken from the model's own greedy output {text!r}) should end with finish_reason 'stop', "
+        f"got {stopped.finish_reason!r} and content {stopped.content!r}")
+    assert stopped.content == expected, (
+        f"with stop={stop!r} the content should be the greedy text up to it, {expected!r}; got {stopped.content!r}")
+    assert stopped.usage.completion_tokens < free.usage.completion_tokens, (
+        f"stop={stop!r} did not shorten generation: {stopped.usage.completion_tokens} tokens")
+
+
+def test_greedy_answers_are_deterministic(capture_runs):
+    first = capture_runs.chat(prompts.STORY, 8, cached=False)
+    second = capture_runs.chat(prompts.STORY, 8, cached=False)
+    assert first.content == second.content, (
+        f"temperature 0 gave two different answers: {first.content!r} vs {second.content!r}")
+
+
+def test_explicit_n_1_is_accepted(capture_runs):
+    completion = capture_runs.chat(prompts.STORY, 2, n=1)
+    assert len(completion.body.get("choices", [])) == 1
+
+
+@pytest.mark.full
+def test_seed_makes_sampling_reproducible(capture_runs):
+    runs = [capture_runs.chat(prompts.STORY, 12, temperature=1.0, seed=1234, cached=False) for _ in range(2)]
+    assert runs[0].content == runs[1].content, (
+        f"the same seed sampled two different answers: {runs[0].content!r} vs {runs[1].content!r}")

@@ -1,0 +1,110 @@
+"""Area multi_token: one captured step per generated token, the right step in the right place.
+
+These use only ``store_activations: true`` (the default capture), which servers
+of the older family understand too, so a server that captures only the first
+token fails here with a message that says so.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import prompts
+from harness.checks import (
+    expect_argmax_matches,
+    expect_close,
+    expect_different,
+    expect_shape,
+    expect_tensor_matches_meta,
+    expect_token_counts,
+    rounding_tolerance,
+)
+
+STEP_COUNTS = [1, 2, 5, 16]
+# The smoke profile keeps one multi-token case, so a smoke run still tells single- from multi-token capture.
+STEP_COUNTS_SMOKE_5 = [pytest.param(n, marks=pytest.mark.smoke) if n == 5 else n for n in STEP_COUNTS]
+EARLY_STOP_BUDGET = 48
+
+
+def _default_capture(capture_runs, steps: int, prompt: str = prompts.STORY, cached: bool = True):
+    return capture_runs.chat(prompt, steps, store_activations=True, cached=cached)
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+def test_all_token_logits_have_one_step_per_generated_token(capture_runs, ground_truth, steps):
+    completion = _default_capture(capture_runs, steps)
+    n = expect_token_counts(completion, expected_steps=steps)
+    expect_shape(completion.savepoint("_logits"), [1, n, ground_truth.vocab_size], ground_truth, steps=n,
+                 context="store_activations: true")
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS_SMOKE_5)
+def test_greedy_argmax_is_the_generated_token_at_every_step(capture_runs, ground_truth, steps):
+    completion = _default_capture(capture_runs, steps)
+    n = expect_token_counts(completion, expected_steps=steps)
+    meta = completion.savepoint("_logits")
+    expect_shape(meta, [1, n, ground_truth.vocab_size], ground_truth, steps=n, context="store_activations: true")
+    tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)
+    expect_argmax_matches(tensor, completion.token_ids, name="_logits")
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+def test_first_is_step_0_and_last_is_step_n_minus_1_of_all(capture_runs, ground_truth, steps):
+    runs = {tokens: capture_runs.capture(prompts.STORY, steps, tokens=tokens) for tokens in ("all", "first", "last")}
+    ids = runs["all"].token_ids
+    for tokens, completion in runs.items():
+        assert completion.token_ids == ids, (
+            f"the same greedy request with tokens={tokens!r} generated {completion.token_ids}, with 'all' {ids}")
+    n = expect_token_counts(runs["all"], expected_steps=steps)
+    expect_shape(runs["all"].savepoint("_logits"), [1, n, ground_truth.vocab_size], ground_truth, steps=n,
+                 context="tokens: all")
+    whole = capture_runs.tensor(runs["all"], "_logits").values
+    rtol, atol = rounding_tolerance("float32")
+    first = capture_runs.tensor(runs["first"], "_logits").values
+    last = capture_runs.tensor(runs["last"], "_logits").values
+    expect_close(first, whole[:, :1], what="tokens 'first' vs step 0 of 'all'", rtol=rtol, atol=atol)
+    expect_close(last, whole[:, n - 1 : n], what=f"tokens 'last' vs step {n - 1} of 'all'", rtol=rtol, atol=atol)
+
+
+def test_early_end_of_sequence_ends_the_capture_too(capture_runs, ground_truth):
+    completion = _default_capture(capture_runs, EARLY_STOP_BUDGET, prompts.SHORT_ANSWER)
+    how = f"{prompts.SHORT_ANSWER!r} with max_tokens {EARLY_STOP_BUDGET}"
+    if completion.finish_reason == "length":
+        # The model never stopped on its own: end it with a stop string from its own greedy output instead.
+        words = completion.content.split()
+        assert len(words) >= 3, f"cannot pick a stop string from the greedy output {completion.content!r}"
+        stop = words[2]
+        completion = capture_runs.chat(prompts.SHORT_ANSWER, EARLY_STOP_BUDGET, store_activations=True, stop=[stop])
+        how = (f"the model did not stop on its own for {prompts.SHORT_ANSWER!r}, so stop={stop!r} from its own "
+               f"greedy output ended it")
+    n = expect_token_counts(completion)
+    assert completion.finish_reason == "stop" and n < EARLY_STOP_BUDGET, (
+        f"{how}: expected finish_reason 'stop' before {EARLY_STOP_BUDGET} tokens, got "
+        f"{completion.finish_reason!r} after {n}")
+    meta = completion.savepoint("_logits")
+    expect_shape(meta, [1, n, ground_truth.vocab_size], ground_truth, steps=n, context=how)
+    tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)
+    expect_argmax_matches(tensor, completion.token_ids, name=f"_logits ({how})")
+
+
+def test_each_request_gets_its_own_tensors(capture_runs, ground_truth):
+    """No state leaks from one request into the next: two prompts, two sets of ids and tensors."""
+    story = _default_capture(capture_runs, 5, prompts.STORY, cached=False)
+    short = _default_capture(capture_runs, 5, prompts.SHORT_ANSWER, cached=False)
+    assert story.run_id != short.run_id, f"two requests share activation_run_id {story.run_id!r}"
+    assert story.token_ids != short.token_ids, (
+        f"two different prompts generated the same ids {story.token_ids}: cannot tell requests apart")
+    tensors = {}
+    for label, completion in (("story", story), ("short answer", short)):
+        tensor = capture_runs.tensor(completion, "_logits")
+        expect_argmax_matches(tensor, completion.token_ids, name=f"_logits of the {label} request")
+        tensors[label] = tensor.values
+    first_steps = min(tensors["story"].shape[1], tensors["short answer"].shape[1])
+    expect_different(tensors["story"][:, :first_steps], tensors["short answer"][:, :first_steps],
+                     what="logits of two different prompts")
+
+
+def test_multi_token_capture_matches_snapshot(capture_runs, shape_snapshot):
+    shape_snapshot.check(_default_capture(capture_runs, 5))
