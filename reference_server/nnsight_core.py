@@ -224,9 +224,9 @@ class CaptureModel:
     def site(self, selector: Selector) -> SavepointSite:
         found = self.sites.get((selector.module_path, selector.io))
         if found is None:
-            known = self._module.get_submodule(selector.module_path) if self._is_module(selector.module_path) else None
-            why = "has no per-token tensor " + selector.io if known is not None else "names no module of this model"
-            raise Unprocessable(f"selector {selector.text!r} {why}")
+            if self._is_module(selector.module_path):
+                raise Unprocessable(f"selector {selector.text!r} has no per-token tensor {selector.io}")
+            raise Unprocessable(f"selector {selector.text!r} names no module of this model")
         return found
 
     def _is_module(self, path: str) -> bool:

@@ -139,7 +139,7 @@ class ModelRegistry:
                 return False
             try:
                 model = self._load(model_id, device or self.device, dtype or self.dtype)
-            except (OSError, ValueError, EnvironmentError) as exc:
+            except (OSError, ValueError) as exc:  # no such directory, no hub, not a model id
                 log.warning("loading %r failed: %s", model_id, exc)
                 raise NotFound(f"model {model_id!r} could not be loaded: {_first_line(exc)}") from None
             except Exception as exc:  # a broken checkpoint must not take the server down
