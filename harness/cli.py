@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from harness.html_report import HTML_FILE
 from harness.plugin import PROFILES, SUITES_DIR
 from harness.report import REPORT_FILE
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--profile", choices=PROFILES, default="core", help="default: core")
     run.add_argument("--report-dir", default="conformance-report",
-                     help=f"where {REPORT_FILE} and {JUNIT_FILE} go (default: ./conformance-report)")
+                     help=f"where {REPORT_FILE}, {HTML_FILE} and {JUNIT_FILE} go (default: ./conformance-report)")
     run.add_argument("--request-timeout", type=float, help="seconds per request (default 120)")
     run.add_argument("--startup-timeout", type=float, help="seconds for a started server to get ready (default 300)")
     run.add_argument("-v", "--verbose", action="store_true", help="one line per test")
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report_path = Path(options.report_dir) / REPORT_FILE
     report_path.unlink(missing_ok=True)  # never read a previous run's verdict
+    (report_path.parent / HTML_FILE).unlink(missing_ok=True)  # nor leave a previous run's page behind
     exit_code = int(pytest.main(pytest_args(options, extra)))
     if not report_path.is_file():
         print(f"capture-conformance: no report was written (pytest exit status {exit_code})", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from harness import PROTOCOL_VERSION
+from harness.html_report import HTML_FILE, write_html
 
 REPORT_FILE = "conformance-report.json"
 AREAS = ["health", "models", "chat", "single_token", "multi_token", "savepoints", "dtype_size", "out_of_order",
@@ -125,7 +126,9 @@ class ConformanceReport:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         from harness.plugin import SUITES_DIR
 
-        path = Path(str(getattr(report, "fspath", "") or report.nodeid.split("::", 1)[0]))
+        # location[0] is relative to rootpath; the node id is not when the suites lie outside it (pytest 9)
+        location = getattr(report, "location", None)
+        path = Path(str(location[0] if location else getattr(report, "fspath", "") or report.nodeid.split("::", 1)[0]))
         if not path.is_absolute():
             path = self.config.rootpath / path
         try:
@@ -159,7 +162,9 @@ class ConformanceReport:
         self.exit_status = int(exitstatus)
         self._summary = None
         self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / REPORT_FILE).write_text(json.dumps(self.as_json(), indent=2) + "\n")
+        report = self.as_json()  # one dict, two renderings: the JSON and the HTML page
+        (self.directory / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        write_html(report, self.directory)
 
     def as_json(self) -> dict[str, Any]:
         from harness.plugin import STATE, Options
@@ -217,5 +222,5 @@ class ConformanceReport:
             lines.append(f"{name:<14}{area.passed:>7}{failed:>7}{area.skipped:>8}  {first}")
         verdict = "PASSED" if summary.passed else "FAILED"
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
-        lines.append(f"report: {self.directory / REPORT_FILE}")
+        lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")
         return lines

@@ -1,0 +1,179 @@
+"""The light harness install runs the suites against a host, in a clean virtual environment without nnsight.
+
+A fresh ``python -m venv`` (no system site-packages) gets this project without
+extras (pytest, requests, syrupy, safetensors, numpy and their own
+dependencies; pip may fetch them from the package index). The reference server
+runs from this environment; the light environment runs ``pytest --host … --port …``
+from an unrelated directory, so the installed ``suites`` package is what runs.
+The venv is built once per test session (a file lock shares it between
+pytest-xdist workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "nnsight", "transformers")
+COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                     "reports", "capture-storage", "conformance-report", ".cache", ".whl")
+
+
+def _clean_env(**extra: str) -> dict:
+    """No trace of this environment: no PYTHONPATH, no venv, no outer pytest/xdist state."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTEST_PLUGINS")
+           and not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"))}
+    return {**env, **extra}
+
+
+def _build_light_venv(root: Path) -> dict:
+    venv = root / "venv"
+    python = venv / "bin" / "python"
+    timings = {}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, text=True,
+                   timeout=120, env=_clean_env())
+    timings["venv_s"] = round(time.monotonic() - started, 1)
+    # Install from a copy: building in the repository would leave build/ and *.egg-info behind.
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=COPY_IGNORE)
+    started = time.monotonic()
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-input", "-q", str(source)],
+                             capture_output=True, text=True, timeout=600, env=_clean_env())
+    timings["pip_install_s"] = round(time.monotonic() - started, 1)
+    if install.returncode != 0:
+        raise RuntimeError(f"pip install of the light harness failed ({install.returncode}):\n"
+                           f"{install.stdout[-3000:]}\n{install.stderr[-3000:]}")
+    shutil.rmtree(source, ignore_errors=True)
+    return {"python": str(python), "timings": timings}
+
+
+@pytest.fixture(scope="session")
+def light_venv(tmp_path_factory) -> dict:
+    """{"python": path, "timings": {...}}; built once per session, shared between xdist workers."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's base directory, common to all workers
+    root = shared / "light-install"
+    marker = root / "ready.json"
+    try:
+        from filelock import FileLock
+    except ImportError:  # filelock comes with the server extra; without it every worker builds its own
+        FileLock = None
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / ".lock")) if FileLock else None
+    if lock:
+        lock.acquire(timeout=900)
+    try:
+        if marker.is_file():
+            return json.loads(marker.read_text())
+        if (root / "venv").exists():  # a previous, interrupted build
+            shutil.rmtree(root / "venv")
+        info = _build_light_venv(root)
+        marker.write_text(json.dumps(info))
+        return info
+    finally:
+        if lock:
+            lock.release()
+
+
+@pytest.fixture(scope="module")
+def reference_server(tmp_path_factory):
+    """The bundled server, started from this (full) environment."""
+    tmp = tmp_path_factory.mktemp("light-server")
+    port = free_port()
+    log_path = tmp / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "reference_server", "--port", str(port),
+                                 "--storage-dir", str(tmp / "storage")],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"reference server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                answer = requests.get(f"{url}/health", timeout=2)
+                if answer.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"reference server not ready within 180 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield {"port": port, "url": url, "log": log_path}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_the_light_install_has_no_torch_nnsight_or_transformers(light_venv):
+    for module in HEAVY:
+        probe = subprocess.run([light_venv["python"], "-c", f"import {module}"], capture_output=True, text=True,
+                               timeout=60, env=_clean_env(), cwd="/")
+        assert probe.returncode != 0, f"`import {module}` works in the light venv"
+        assert f"No module named '{module}'" in probe.stderr, probe.stderr
+    # ... but the harness itself imports, with its pytest plugin registered
+    probe = subprocess.run([light_venv["python"], "-c",
+                            "import harness.plugin, harness.tensors, harness.client, harness.report, "
+                            "harness.html_report, suites, sys; "
+                            "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (HEAVY,)],
+                           capture_output=True, text=True, timeout=60, env=_clean_env(), cwd="/")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]", probe.stdout
+
+
+def test_the_light_install_runs_the_suites_against_a_host(light_venv, reference_server, tmp_path):
+    elsewhere = tmp_path / "elsewhere"  # no conftest, no pyproject, no repository: the installed suites run
+    elsewhere.mkdir()
+    report_dir = tmp_path / "report"
+    started = time.monotonic()
+    result = subprocess.run(
+        [light_venv["python"], "-m", "pytest", "--host", "127.0.0.1", "--port", str(reference_server["port"]),
+         "-p", "no:cacheprovider", "-q", "-rs", "--conformance-report", str(report_dir)],
+        cwd=elsewhere, capture_output=True, text=True, timeout=280, env=_clean_env(HF_HUB_OFFLINE="1"))
+    elapsed = round(time.monotonic() - started, 1)
+    output = result.stdout + result.stderr
+    print(f"light install: {light_venv['timings']}, suites run {elapsed} s")
+    assert result.returncode == 0, output[-6000:]
+    report = json.loads((report_dir / "conformance-report.json").read_text())
+    assert report["passed"] is True and report["capture_level"] == "full", {k: report[k] for k in (
+        "passed", "capture_level", "areas")}
+    assert report["target"]["started_by_harness"] is False
+    assert report["model"] == "tiny-qwen3"
+    # config.json is read as plain JSON: the sizes come from the model, not from the server under test
+    assert report["ground_truth"]["independent"] is True, report["ground_truth"]
+    assert report["ground_truth"]["source"].startswith("model config"), report["ground_truth"]
+    assert (report_dir / "conformance-report.html").is_file()
+
+    # What the docs say happens without transformers: the tokenizer checks are skipped with the reason,
+    # shown in the table, never claimed as passed. Nothing else is skipped.
+    tests = report["tests"]
+    skipped = [t for t in tests if t["outcome"] == "skipped"]
+    assert skipped, "the tokenizer checks cannot run without transformers; they must show as skipped"
+    for test in skipped:
+        assert test["area"] == "chat", test
+        assert "not verifiable without the model's tokenizer" in test["message"], test
+        assert "transformers is not installed (light install)" in test["message"], test
+    assert not [t for t in tests if t["outcome"] in ("failed", "error")]
+    assert sum(t["outcome"] == "passed" for t in tests) > 90, len(tests)
+    # -rs shows the reason, and where the skipped test lives: the light venv's installed suites
+    assert "transformers is not installed (light install)" in result.stdout, result.stdout[-3000:]
+    assert "site-packages/suites/test_chat.py" in result.stdout, result.stdout[-3000:]
