@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest max_tokens a request may ask for (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="(default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=8,
-                        help="concurrent greedy requests served by one generate; 1 turns batching off (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="concurrent greedy requests served by one generate; 1 turns batching off. Default: 8 for "
+                             "float32 models, 1 for bfloat16/float16, whose batched results round differently from "
+                             "solo runs and can change greedy ids")
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $CAPTURE_SERVER_API_KEY; none)")

@@ -19,7 +19,7 @@ class Settings:
     max_new_tokens_limit: int = 4096
     default_max_tokens: int = 16
     log_level: str = "info"
-    max_batch: int = 8  # concurrent greedy requests served by one generate
+    max_batch: int | None = None  # concurrent greedy requests per generate; None: 8 for float32 models, else 1
     api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer <key>"
     max_body_bytes: int = 1 << 20
     max_savepoints: int = 64

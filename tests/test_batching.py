@@ -60,3 +60,16 @@ def test_sampled_and_stop_requests_are_never_batched(registry):
     assert request(model, "x", 3, [], temperature=0.7).batch_key() is None
     assert request(model, "x", 3, [], stop=("a",)).batch_key() is None
     assert request(model, "x", 3, []).batch_key() == request(model, "y", 9, ["lm_head"]).batch_key()
+
+
+def test_half_precision_models_batch_only_when_asked():
+    from types import SimpleNamespace
+
+    from reference_server.registry import AUTO_MAX_BATCH, batch_size_for
+
+    def model(dtype):
+        return SimpleNamespace(info=SimpleNamespace(dtype=dtype))
+
+    assert batch_size_for(model("float32"), None) == AUTO_MAX_BATCH > 1
+    assert batch_size_for(model("bfloat16"), None) == 1 and batch_size_for(model("float16"), None) == 1
+    assert batch_size_for(model("bfloat16"), 8) == 8 and batch_size_for(model("float32"), 1) == 1
