@@ -195,11 +195,13 @@ def _bf16_file(t: Target) -> None:
     original = t.service._store
 
     def store(gen, plan, options):
-        asked = {n: str(x.dtype) for n, x in gen.tensors.items()}
-        gen.tensors = {n: x.to(torch.bfloat16) for n, x in gen.tensors.items()}
+        # Only float32 captures are affected: the server "saves space" and keeps the metadata it meant.
+        lied = {n for n, x in gen.tensors.items() if x.dtype == torch.float32}
+        gen.tensors = {n: x.to(torch.bfloat16) if n in lied else x for n, x in gen.tensors.items()}
         fields = original(gen, plan, options)
-        for name, meta in fields["activations_meta"].items():
-            meta["dtype"] = asked[name]
+        for name in lied:
+            meta = fields["activations_meta"][name]
+            meta["dtype"] = "torch.float32"
             meta["size_mb"] = round(meta["numel"] * 4 / 2**20, 2)
         return fields
 
@@ -370,7 +372,16 @@ def _bad_json(t: Target) -> None:
 
 @fault("health_without_model", "health", "`/health` says ok before any model is loaded")
 def _health_early(t: Target) -> None:
+    import time
+
     t.readiness.ready.set()  # ready from the first request, loading or not
+    original = t.registry.load
+
+    def slow_load(model_id, device=None, dtype=None):
+        time.sleep(3)  # a real model takes seconds to load: the window where the lie shows
+        return original(model_id, device, dtype)
+
+    t.registry.load = slow_load
 
 
 @fault("load_drops_model", "models", "a failed `/models/load` drops the model that was serving")

@@ -141,7 +141,10 @@ class RunStore:
         files = self.manifest(run_id)["files"]
         if name not in files:
             raise NotFound(f"run {run_id!r} has no file {name!r}")
-        return self.root / run_id / files[name]["file"]
+        path = self.root / run_id / files[name]["file"]
+        if not path.is_file():  # removed behind the server's back
+            raise NotFound(f"the file of {name!r} in run {run_id!r} is missing from storage")
+        return path
 
     def delete_run(self, run_id: str) -> None:
         self._run_dir(run_id)

@@ -64,9 +64,12 @@ def test_a_layers_input_is_the_previous_layers_output(capture_runs, ground_truth
 
 def test_savepoints_out_of_execution_order_come_back_under_their_own_names(capture_runs, ground_truth):
     last = _last_layer(ground_truth)
-    # Listed backwards through the model: the head first, the first layer last.
+    # Listed backwards through the model: the head first, the first layer last. Several
+    # savepoints share a width (H), so a mix-up of names cannot hide behind the shapes:
+    # layer 0's input and output differ, and layer 1's input must equal layer 0's output.
     wanted = _named(head="lm_head", head_input="lm_head.input", layer_last=f"model.layers[{last}]",
-                    layer_1_input="model.layers[1].input", layer_0="model.layers[0]")
+                    layer_1_input="model.layers[1].input", layer_0="model.layers[0]",
+                    layer_0_input="model.layers[0].input")
     completion, n = _capture(capture_runs, wanted)
     meta = completion.meta
     assert sorted(meta) == sorted(w["name"] for w in wanted), (
@@ -76,12 +79,14 @@ def test_savepoints_out_of_execution_order_come_back_under_their_own_names(captu
         assert isinstance(got, str) and _normal(got) == _normal(item["selector"]), (
             f"savepoint {item['name']!r} was asked for {item['selector']!r}, metadata says selector {got!r}")
     V, H = ground_truth.vocab_size, ground_truth.hidden_size
-    for name, width in (("head", V), ("head_input", H), ("layer_last", H), ("layer_1_input", H), ("layer_0", H)):
+    for name, width in (("head", V), ("head_input", H), ("layer_last", H), ("layer_1_input", H), ("layer_0", H),
+                        ("layer_0_input", H)):
         expect_shape(meta[name], [1, n, width], ground_truth, steps=n, context=f"savepoint `{name}`")
     values = {name: capture_runs.tensor(completion, name).values for name in meta}
     expect_argmax_matches(capture_runs.tensor(completion, "head"), completion.token_ids, name="head (lm_head)")
     expect_close(values["layer_1_input"], values["layer_0"], what="layer_1_input vs layer_0 (names swapped?)",
                  rtol=TOL[0], atol=TOL[1])
+    expect_different(values["layer_0_input"], values["layer_0"], what="layer_0_input vs layer_0 (names swapped?)")
     if last > 0:
         expect_different(values["layer_0"], values["layer_last"], what="layer_0 vs layer_last")
 

@@ -85,3 +85,11 @@ def test_retention_can_refuse_instead(tmp_path):
 def test_lookups_outside_the_store_are_not_found(tmp_path, run_id, name):
     with pytest.raises(NotFound):
         RunStore(tmp_path).file_path(run_id, name)
+
+
+def test_a_file_removed_behind_the_servers_back_is_not_found(tmp_path):
+    store = RunStore(tmp_path)
+    run_id, stored = store.write_run({"x": torch.zeros(3)}, "pt")
+    stored["x"].path.unlink()
+    with pytest.raises(NotFound, match="missing"):
+        store.file_path(run_id, "x")
