@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from fixtures.tiny_model import TINY_MODEL_ID, cache_root, ensure_tiny_model, resolve_model_path
+from fixtures.tiny_model import TINY_MODEL_ID, build_once, cache_root, ensure_tiny_model, resolve_model_path
 
 SHAPE_RECIPE_VERSION = "1"
 
@@ -57,22 +54,12 @@ def ensure_shape_model(shape: str, build_device: str = "cpu", log=print) -> Path
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; known: {sorted(SHAPES)}")
     target = shape_dir(shape)
-    if (target / "config.json").exists():
-        return target
-    from filelock import FileLock
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():
-            return target
+    def build(tmp: Path) -> None:
         log(f"building a random-weight {shape} model into {target} (once)")
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-        try:
-            _build_shape(shape, tmp, build_device)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        _build_shape(shape, tmp, build_device)
+
+    return build_once(target, build)
 
 
 def _build_shape(shape: str, out_dir: Path, build_device: str) -> None:

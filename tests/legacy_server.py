@@ -26,6 +26,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
+
+def write_reply(handler: BaseHTTPRequestHandler, status: int, body: object, ctype: str, raw: bytes | None) -> None:
+    data = raw if raw is not None else json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", ctype)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
 class LegacyModel:
     def __init__(self, model_id: str):
         import torch
@@ -65,12 +74,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: object = None, raw: bytes | None = None, ctype: str = "application/json"):
-        data = raw if raw is not None else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        write_reply(self, status, body, ctype, raw)
 
     def _json(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -169,12 +173,7 @@ class ScriptedServer:
                 pass
 
             def reply(self, status: int, body: object = None, ctype: str = "application/json", raw: bytes | None = None):
-                data = raw if raw is not None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                write_reply(self, status, body, ctype, raw)
 
             def body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
