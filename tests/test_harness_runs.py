@@ -217,3 +217,33 @@ def test_cli_passes_the_bundled_server_under_xdist_and_writes_the_report(tmp_pat
     table = result.stdout[result.stdout.index("capture-conformance: http://127.0.0.1:"):]
     assert re.search(r"multi_token\s+\d+\s+0\s+0", table), table
     assert "capture level: savepoints    profile smoke: PASSED" in table, table
+
+
+# -- optional and keyed features -------------------------------------------------------------------------
+
+
+def test_a_server_without_streaming_is_reported_as_such(tmp_path):
+    result = run_pytest(str(SUITES_DIR / "test_streaming.py"), "-rs", "--launch", LEGACY_LAUNCH, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "3 skipped" in output, output
+    assert "no streaming: asked with stream=true, POST /v1/chat/completions answered 200 (application/json)" in output, output
+
+
+def test_the_api_key_checks_run_when_a_key_is_given(tmp_path):
+    junit = tmp_path / "keyed.xml"
+    result = run_pytest(str(SUITES_DIR / "test_health.py"), "--api-key", "s3cret", f"--junitxml={junit}",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    passed = junit_passed(junit)
+    assert {"test_health_needs_no_api_key", "test_requests_without_the_api_key_are_401[/v1/models]"} <= passed, passed
+
+
+def test_the_api_key_checks_fail_against_a_server_that_ignores_the_key(tmp_path):
+    """The bundled server gets the key; a launched one that is not told about it must fail the 401 checks."""
+    junit = tmp_path / "open.xml"
+    result = run_pytest(str(SUITES_DIR / "test_health.py"), "--api-key", "s3cret", f"--junitxml={junit}",
+                        "--launch", "python -m reference_server --port {port} --storage-dir {storage_dir}", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    failures = junit_failures(junit)
+    assert any("without the API key should be 401" in m for m in failures.values()), failures
