@@ -18,7 +18,6 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
 
 from harness.html_report import HTML_FILE, main as html_main, render_html
 from harness.report import REPORT_FILE, CaseResult, summarize
