@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -13,13 +11,9 @@ from pathlib import Path
 
 import requests
 
+from harness.server import ManagedServer, free_port
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_proc_status_mb(pid: int, field: str) -> float | None:
@@ -37,15 +31,12 @@ def read_proc_status_mb(pid: int, field: str) -> float | None:
 class ServerHandle:
     """A server to send requests to: started here (``start``) or already running (``attach``)."""
 
-    def __init__(self, url: str, proc: subprocess.Popen | None = None, log_path: Path | None = None,
-                 pid: int | None = None, command: list[str] | None = None, api_key: str | None = None):
+    def __init__(self, url: str, launched: ManagedServer | None = None, pid: int | None = None,
+                 api_key: str | None = None):
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.proc = proc
-        self.pid = proc.pid if proc is not None else pid
-        self.log_path = log_path
-        self.command = command
-        self._log_file = None
+        self.launched = launched  # the process, when this bench started it
+        self.pid = launched.process.pid if launched is not None and launched.process else pid
         self._local = threading.local()
         self.model_id: str | None = None
         self.capture_info: dict = {}
@@ -59,56 +50,50 @@ class ServerHandle:
         command = [sys.executable, "-m", "reference_server", "--port", str(port), "--storage-dir", str(storage_dir),
                    "--model", model, "--device", device, "--dtype", dtype, "--log-level", "warning", *extra_args]
         # The server reads its key from the environment too: set it, or clear a stray one.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CAPTURE_SERVER_API_KEY": api_key or ""}
+        env = {"CAPTURE_SERVER_API_KEY": api_key or ""}
         if threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         if (PROJECT_ROOT / "reference_server").is_dir():  # run from a checkout without an install
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        log_file = open(log_path, "w")
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        handle = cls(f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, command=command, api_key=api_key)
-        handle._log_file = log_file
-        return handle
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+        launched = ManagedServer(command, port, log_path.parent, env=env, log_file=log_path)
+        launched.start()
+        return cls(launched.base_url, launched=launched, api_key=api_key)
 
     @classmethod
     def attach(cls, url: str, pid: int | None = None, api_key: str | None = None) -> "ServerHandle":
         return cls(url, pid=pid, api_key=api_key)
 
+    @property
+    def proc(self):
+        return self.launched.process if self.launched else None
+
+    @property
+    def command(self) -> list[str] | None:
+        return self.launched.argv if self.launched else None
+
     def log_tail(self, chars: int = 3000) -> str:
-        if self.log_path and self.log_path.exists():
-            return self.log_path.read_text(errors="replace")[-chars:]
-        return ""
+        return self.launched.log_text(chars) if self.launched else ""
 
     def wait_ready(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                r = requests.get(self.url + "/health", timeout=5)
-                if r.status_code == 200:
-                    health = r.json()
-                    self.model_id = health["loaded_models"][0]
-                    models = requests.get(self.url + "/v1/models", headers=self.headers, timeout=30).json()["data"]
-                    entry = next((m for m in models if m["id"] == self.model_id), models[0])
-                    self.capture_info = entry.get("capture", {})
-                    return health
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        """Ready by the launcher's real /health requests (or one answer, for an attached server); then the model's facts."""
+        if self.launched is not None:
+            self.launched.startup_timeout_s = timeout
+            self.launched.wait_ready()
+            health = self.launched.startup_trace[-1].body
+        else:
+            r = requests.get(self.url + "/health", timeout=min(timeout, 30))
+            if r.status_code != 200:
+                raise RuntimeError(f"{self.url}/health answered {r.status_code}: {r.text[:300]}")
+            health = r.json()
+        self.model_id = health["loaded_models"][0]
+        models = requests.get(self.url + "/v1/models", headers=self.headers, timeout=30).json()["data"]
+        entry = next((m for m in models if m["id"] == self.model_id), models[0])
+        self.capture_info = entry.get("capture", {})
+        return health
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log_file:
-            self._log_file.close()
-            self._log_file = None
+        if self.launched is not None:
+            self.launched.stop()
 
     # -- memory ------------------------------------------------------------------------
 

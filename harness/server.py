@@ -87,16 +87,24 @@ def log_tail(path: str | os.PathLike | None, lines: int = LOG_TAIL_LINES) -> str
 
 @dataclass
 class ManagedServer:
-    """A server process this pytest run owns."""
+    """A server process this run owns: the one launcher of the project.
+
+    The plugin starts the bundled or ``--launch`` server with it, the benchmark its
+    server variants, the project's tests their real server processes. Use it as a
+    context manager (started and ready on entry, stopped on exit), or call
+    ``start``/``wait_ready``/``stop``.
+    """
 
     argv: list[str]
     port: int
     workdir: Path
     expected_model: str | None = None
     startup_timeout_s: float = 300.0
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    log_file: Path | None = None  # default: workdir/server.log
+    owns_workdir: bool = False  # a workdir made here is removed on stop; a caller's is left alone
     process: subprocess.Popen | None = None
     startup_trace: list[HealthProbe] = field(default_factory=list)
-    ready_after_s: float | None = None
 
     @property
     def base_url(self) -> str:
@@ -104,11 +112,31 @@ class ManagedServer:
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "server.log"
+        return self.log_file or self.workdir / "server.log"
 
     @property
     def storage_dir(self) -> Path:
         return self.workdir / "storage"
+
+    @property
+    def statuses(self) -> list[int | None]:
+        """The HTTP status of every /health answer seen while starting (None: no connection yet)."""
+        return [probe.status for probe in self.startup_trace]
+
+    def log_text(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
+
+    def __enter__(self) -> "ManagedServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop(keep_workdir=True)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
     @classmethod
     def prepare(cls, *, launch: str | None, model: str | None, api_key: str | None,
@@ -123,10 +151,11 @@ class ManagedServer:
 
             model = model or TINY_MODEL_ID
             argv = bundled_command(port, model, str(workdir / "storage"), api_key)
-        return cls(argv, port, workdir, expected_model=model, startup_timeout_s=startup_timeout_s)
+        return cls(argv, port, workdir, expected_model=model, startup_timeout_s=startup_timeout_s, owns_workdir=True)
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"$ {shlex.join(self.argv)}\n".encode())
             log.flush()
@@ -152,7 +181,6 @@ class ManagedServer:
             probe = self._probe(session, at)
             self.startup_trace.append(probe)
             if self._is_ready(probe):
-                self.ready_after_s = at
                 return
             if time.monotonic() > deadline:
                 seen = "; ".join(p.brief() for p in self.startup_trace[-3:])
@@ -207,6 +235,8 @@ class ManagedServer:
                 except ProcessLookupError:
                     pass
                 process.wait(timeout=15)
+        if not self.owns_workdir:
+            return
         if keep_workdir:
             shutil.rmtree(self.storage_dir, ignore_errors=True)  # keep only the log
         else:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 # No model hub is reachable here: without this, loading an unknown id retries the hub for ~25 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model
+from harness.server import ManagedServer, free_port
 
 
 @pytest.fixture(scope="session")
@@ -61,61 +58,39 @@ def client(registry, tmp_path):
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A real `capture-server` on a free port; its log is shown when a test fails."""
+class ServerProcess(ManagedServer):
+    """A real ``capture-server`` (``python -m reference_server``) on a free port, through the one launcher."""
 
     def __init__(self, tmp: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.storage = tmp / "storage"
-        self.log_path = tmp / "server.log"
-        self._log = self.log_path.open("w")
-        exe = Path(sys.executable).with_name("capture-server")
-        self.proc = subprocess.Popen(
-            [str(exe), "--port", str(self.port), "--storage-dir", str(self.storage), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        port = free_port()
+        argv = [sys.executable, "-m", "reference_server", "--port", str(port), "--storage-dir", str(tmp / "storage"),
+                *extra]
+        super().__init__(argv, port, tmp, startup_timeout_s=120)
+        self.start()
+
+    url = ManagedServer.base_url
+    storage = ManagedServer.storage_dir
+
+    @property
+    def proc(self):
+        return self.process
 
     def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
+        return self.log_text()
 
-    def wait_ready(self, timeout: float = 120) -> list[int]:
-        """Poll /health until 200; return the statuses seen. Fails at once if the process dies."""
-        seen = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                status = requests.get(self.url + "/health", timeout=2).status_code
-                seen.append(status)
-                if status == 200:
-                    return seen
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+    def wait_ready(self, timeout: float | None = None) -> list[int | None]:
+        """Poll /health until ready; return the statuses seen. Fails at once if the process dies."""
+        if timeout is not None:
+            self.startup_timeout_s = timeout
+        super().wait_ready()
+        return self.statuses
 
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory, tiny_model_dir):
     server = ServerProcess(tmp_path_factory.mktemp("server"))
     try:
-        server.statuses = server.wait_ready()
+        server.wait_ready()
         yield server
     finally:
         server.stop()
