@@ -14,7 +14,7 @@ from harness.responses import Completion, SavepointMeta
 from harness.tensors import LoadedTensor, itemsize
 
 
-def symbolic(shape: list[int] | tuple[int, ...], truth: GroundTruth, steps: int | None = None) -> str:
+def symbolic(shape: list[int] | tuple[int, ...], truth: GroundTruth) -> str:
     """``[1, 5, 151936]`` -> ``[1,5,V]``: sizes named where they equal a known dimension."""
     names = {v: k for k, v in truth.dims().items()}
     parts = []
@@ -146,14 +146,6 @@ def expect_client_error(answer: Answer, codes: tuple[int, ...], *, mention: str 
         raise AssertionError(f"error body leaks a Python traceback; {answer.describe()}")
     if mention is not None and mention not in answer.text:
         raise AssertionError(f"error should name {mention!r}; {answer.describe()}")
-
-
-def expect_not_broken(answer: Answer) -> None:
-    """No 5xx and no OutOfOrderError, whatever the request was."""
-    if answer.status >= 500:
-        raise AssertionError(f"server error: {answer.describe()}")
-    if "OutOfOrderError" in answer.text:
-        raise AssertionError(f"answer mentions OutOfOrderError: {answer.describe()}")
 
 
 @contextmanager

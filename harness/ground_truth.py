@@ -64,12 +64,6 @@ class GroundTruth:
         named = {"V": self.vocab_size, "H": self.hidden_size, "I": self.intermediate_size}
         return {k: v for k, v in named.items() if v}
 
-    def describe(self) -> str:
-        return (
-            f"{self.model_id}: vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, "
-            f"num_layers={self.num_layers} from {self.source}"
-        )
-
     # -- tokenizer-backed expectations -------------------------------------------------------
 
     def prompt_ids(self, messages: list[dict]) -> list[int] | None:

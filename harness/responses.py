@@ -152,10 +152,6 @@ class Completion:
         return ids
 
     @property
-    def has_capture(self) -> bool:
-        return "activations_meta" in self.body
-
-    @property
     def meta(self) -> dict[str, SavepointMeta]:
         if "activations_meta" not in self.body:
             keys = sorted(self.body)

@@ -29,10 +29,6 @@ class Selector:
     module_path: str  # canonical dotted path, e.g. "model.layers.3"
     io: str  # "output" or "input"
 
-    @property
-    def canonical(self) -> str:
-        return f"{self.module_path}.{self.io}"
-
 
 def parse_selector(text: object) -> Selector:
     if not isinstance(text, str) or not text:

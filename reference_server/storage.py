@@ -158,9 +158,6 @@ class RunStore:
         shutil.rmtree(trash, ignore_errors=True)
         self._sizes.pop(run_id, None)
 
-    def run_ids(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if _RUN_ID.match(p.name))
-
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())

@@ -96,6 +96,11 @@ def server_process(tmp_path_factory, tiny_model_dir):
         server.stop()
 
 
+def stored_run_ids(store) -> list[str]:
+    """The run directories a store holds on disk (the staging area aside), sorted."""
+    return sorted(p.name for p in store.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def chat_body(content: str = "Tell me a short story about a fox.", max_tokens: int = 5, **extra) -> dict:
     return {
         "model": TINY_MODEL_ID,

@@ -12,6 +12,8 @@ from reference_server.errors import NotFound, StorageFull, Unprocessable
 from reference_server.selectors import parse_selector
 from reference_server.storage import RunStore
 
+from conftest import stored_run_ids
+
 
 @pytest.mark.parametrize("text,path,io", [
     ("lm_head", "lm_head", "output"),
@@ -60,14 +62,14 @@ def test_a_failing_write_is_507_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
     with pytest.raises(StorageFull, match="No space left"):
         store.write_run({"a": torch.zeros(2), "b": torch.zeros(2)}, "pt")
-    assert store.run_ids() == [] and list((tmp_path / ".staging").iterdir()) == []
+    assert stored_run_ids(store) == [] and list((tmp_path / ".staging").iterdir()) == []
 
 
 def test_retention_evicts_the_oldest_runs(tmp_path):
     one_run = 4 * 1024 * 4  # bytes of the tensor below
     store = RunStore(tmp_path, max_bytes=int(2.5 * one_run) + 4096, policy="evict")
     runs = [store.write_run({"x": torch.zeros(4, 1024)}, "pt")[0] for _ in range(4)]
-    assert store.run_ids() == sorted(runs[2:])
+    assert stored_run_ids(store) == sorted(runs[2:])
     assert store.used_bytes() <= store.max_bytes
 
 
@@ -76,7 +78,7 @@ def test_retention_can_refuse_instead(tmp_path):
     kept = store.write_run({"x": torch.zeros(4, 1024)}, "pt")[0]
     with pytest.raises(StorageFull, match="--max-storage-mb"):
         store.write_run({"x": torch.zeros(4, 1024)}, "pt")
-    assert store.run_ids() == [kept]
+    assert stored_run_ids(store) == [kept]
     with pytest.raises(StorageFull, match="larger than the storage limit"):
         RunStore(tmp_path / "b", max_bytes=10, policy="evict").write_run({"x": torch.zeros(8)}, "pt")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import chat_body
+from conftest import chat_body, stored_run_ids
 
 CHAT = "/v1/chat/completions"
 
@@ -116,8 +116,8 @@ def test_bad_pure_nnsight_request(client, body, status):
 
 def test_failed_request_leaves_no_files(client):
     store = client.app.state.store
-    before = store.run_ids()
+    before = stored_run_ids(store)
     for body in (capture(savepoints=["model.nope"]), capture(dtype="x"), chat_body(n=3, store_activations=True)):
         assert client.post(CHAT, json=body).status_code in (400, 422)
-    assert store.run_ids() == before
+    assert stored_run_ids(store) == before
     assert list((store.root / ".staging").iterdir()) == []

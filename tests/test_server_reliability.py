@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 
-from conftest import ServerProcess, chat_body, make_client
+from conftest import ServerProcess, chat_body, make_client, stored_run_ids
 
 CHAT = "/v1/chat/completions"
 
@@ -65,7 +65,7 @@ def test_capture_size_is_refused_before_generating(guarded):
     # 2 tokens x 151936 x 4 bytes = 1.16 MiB > 1 MiB; bfloat16 halves it under the limit.
     response = guarded.post(CHAT, **key(json=chat_body(max_tokens=2, store_activations=True)))
     assert response.status_code == 422 and "--max-capture-mb" in response.json()["detail"]
-    assert guarded.app.state.store.run_ids() == []
+    assert stored_run_ids(guarded.app.state.store) == []
     ok = guarded.post(CHAT, **key(json=chat_body(max_tokens=2, capture={"dtype": "bfloat16"})))
     assert ok.status_code == 200, ok.text
 
@@ -80,7 +80,7 @@ def test_disk_full_is_507_leaves_nothing_and_the_server_keeps_serving(client, mo
     monkeypatch.setattr(torch, "save", disk_full)
     response = client.post(CHAT, json=chat_body(max_tokens=2, store_activations=True))
     assert response.status_code == 507 and "No space left" in response.json()["detail"]
-    assert store.run_ids() == [] and list((store.root / ".staging").iterdir()) == []
+    assert stored_run_ids(store) == [] and list((store.root / ".staging").iterdir()) == []
     monkeypatch.setattr(torch, "save", real_save)
     assert client.post(CHAT, json=chat_body(max_tokens=2, store_activations=True)).status_code == 200
 
