@@ -9,13 +9,15 @@ Anything after ``--`` goes to pytest unchanged (``-- -n 4 -k savepoints``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness.html_report import HTML_FILE
-from harness.plugin import PROFILES, SUITES_DIR
-from harness.report import REPORT_FILE
+from harness.options import FLAGS, forwarded
+from harness.plugin import SUITES_DIR
+from harness.report import REPORT_FILE, REPORT_PLUGIN
 
 JUNIT_FILE = "conformance.junit.xml"
 
@@ -23,41 +25,39 @@ JUNIT_FILE = "conformance.junit.xml"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capture-conformance",
-        description="Check an NNsight activation-capture server against capture protocol v1. Without --host or "
+        description="Check an NNsight activation-capture server against the capture protocol. Without --host or "
                     "--launch the bundled reference server is started on a free port.",
         epilog="Extra pytest arguments go after '--', e.g. capture-conformance -- -n 4 -k savepoints",
     )
-    target = parser.add_argument_group("target")
-    target.add_argument("--host", help="host (or http://host:port URL) of a running capture server")
-    target.add_argument("--port", type=int, help="its port (default 8006)")
-    target.add_argument("--launch", metavar="CMD",
-                        help="start this server command ('{port}' is replaced by a free port), test it, stop it")
-    target.add_argument("--api-key", help="Bearer key for the server")
-    target.add_argument("--model", help="model to load/use on the server")
-    truth = parser.add_argument_group("ground truth, when the model's config.json is not available locally")
-    truth.add_argument("--expect-vocab", type=int)
-    truth.add_argument("--expect-hidden", type=int)
-    truth.add_argument("--expect-layers", type=int)
-    run = parser.add_argument_group("run")
-    run.add_argument("--profile", choices=PROFILES, default="core", help="default: core")
+    groups = {name: parser.add_argument_group(name) for name in dict.fromkeys(flag.group for flag in FLAGS)}
+    for flag in FLAGS:  # the plugin's own flags, forwarded to pytest as given
+        kwargs = {**flag.kwargs, "default": argparse.SUPPRESS}
+        groups[flag.group].add_argument(flag.name, dest=flag.dest, help=flag.help, **kwargs)
+    run = groups.setdefault("run", parser.add_argument_group("run"))
     run.add_argument("--report-dir", default="conformance-report",
                      help=f"where {REPORT_FILE}, {HTML_FILE} and {JUNIT_FILE} go (default: ./conformance-report)")
-    run.add_argument("--request-timeout", type=float, help="seconds per request (default 120)")
-    run.add_argument("--startup-timeout", type=float, help="seconds for a started server to get ready (default 300)")
     run.add_argument("-v", "--verbose", action="store_true", help="one line per test")
     return parser
 
 
 def pytest_args(options: argparse.Namespace, extra: list[str]) -> list[str]:
     report_dir = Path(options.report_dir)
-    args = [str(SUITES_DIR), "--profile", options.profile, "--conformance-report", str(report_dir),
-            f"--junitxml={report_dir / JUNIT_FILE}", "-p", "no:cacheprovider", "-v" if options.verbose else "-q"]
-    for flag in ("host", "port", "launch", "api_key", "model", "expect_vocab", "expect_hidden", "expect_layers",
-                 "request_timeout", "startup_timeout"):
-        value = getattr(options, flag)
-        if value is not None:
-            args += [f"--{flag.replace('_', '-')}", str(value)]
-    return args + extra
+    args = [str(SUITES_DIR), "--conformance-report", str(report_dir), f"--junitxml={report_dir / JUNIT_FILE}",
+            "-p", "no:cacheprovider", "-v" if options.verbose else "-q"]
+    return args + forwarded(options) + extra
+
+
+class Verdict:
+    """A pytest plugin that keeps the report's verdict when the run ends (no reading it back from disk)."""
+
+    def __init__(self) -> None:
+        self.passed: bool | None = None  # None: no report was made (a usage error, an aborted start)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        report = config.pluginmanager.get_plugin(REPORT_PLUGIN)
+        if report is not None and report.exit_status is not None:
+            self.passed = report.summary.passed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    options = build_parser().parse_args(argv)
-    if options.host and options.launch:
-        build_parser().error("--host and --launch exclude each other")
-
-    import pytest
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if getattr(options, "host", None) and getattr(options, "launch", None):
+        parser.error("--host and --launch exclude each other")
 
     report_path = Path(options.report_dir) / REPORT_FILE
-    report_path.unlink(missing_ok=True)  # never read a previous run's verdict
-    (report_path.parent / HTML_FILE).unlink(missing_ok=True)  # nor leave a previous run's page behind
-    exit_code = int(pytest.main(pytest_args(options, extra)))
-    if not report_path.is_file():
-        print(f"capture-conformance: no report was written (pytest exit status {exit_code})", file=sys.stderr)
+    report_path.unlink(missing_ok=True)  # never leave a previous run's verdict behind
+    (report_path.parent / HTML_FILE).unlink(missing_ok=True)  # nor its page
+    verdict = Verdict()
+    exit_code = int(pytest.main(pytest_args(options, extra), plugins=[verdict]))
+    if verdict.passed is None:
+        print(f"capture-conformance: no report was made (pytest exit status {exit_code})", file=sys.stderr)
         return exit_code or 1
-    report = json.loads(report_path.read_text())
-    if report.get("passed") and exit_code == 0:
+    if verdict.passed and exit_code == 0:
         return 0
     return exit_code or 1
 

@@ -13,14 +13,16 @@ import pytest
 
 from harness.client import CaptureClient, ServerFault
 from harness.ground_truth import GroundTruth, resolve_ground_truth
-from harness.plugin import STATE, Options, Target, acquire_target
+from harness.options import Options
+from harness.plugin import acquire_target
+from harness.state import STATE, Target, options_of
 from harness.runs import CaptureRuns
 from harness.snapshots import DEFAULT_ROOT, ShapeSnapshot
 
 
 @pytest.fixture(scope="session")
 def capture_options(pytestconfig: pytest.Config) -> Options:
-    return Options.of(pytestconfig)
+    return options_of(pytestconfig)
 
 
 @pytest.fixture(scope="session")

@@ -16,64 +16,20 @@ session was aborted.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.server import HealthProbe, ManagedServer, ServerStartError, log_tail
+from harness.areas import AREA_PROPERTY, AREAS, BY_NAME, MARKER
+from harness.options import PROFILES, Options, add_flags
+from harness.server import ManagedServer, ServerStartError
+from harness.state import STATE, HarnessState, Target, options_of
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
-DEFAULT_PORT = 8006
-PROFILES = ("smoke", "core", "full")
 WORKERINPUT_KEY = "capture_conformance_target"
 
 
-@dataclass
-class Target:
-    """The server the suites talk to, as every process (controller or worker) sees it."""
-
-    base_url: str
-    managed: bool
-    expected_model: str | None = None
-    log_path: str | None = None
-    storage_dir: str | None = None
-    pid: int | None = None
-    command: str | None = None
-    startup_trace: list[HealthProbe] = field(default_factory=list)
-    server: ManagedServer | None = field(default=None, repr=False)  # only in the owning process
-
-    @classmethod
-    def from_handoff(cls, data: dict) -> "Target":
-        trace = [HealthProbe(**p) for p in data.get("startup_trace", [])]
-        return cls(data["base_url"], data["managed"], data.get("expected_model"), data.get("log_path"),
-                   data.get("storage_dir"), data.get("pid"), data.get("command"), trace)
-
-    def death_note(self) -> str:
-        """Added to a refused connection: whether a managed server died, with its log tail."""
-        if self.server is not None:
-            return self.server.death_note()
-        if self.managed and self.pid:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return f"the capture server process {self.pid} is gone; log tail:\n{log_tail(self.log_path)}"
-            except PermissionError:
-                pass
-        return ""
-
-
-@dataclass
-class HarnessState:
-    target: Target | None = None
-    server: ManagedServer | None = None
-    failed_start: bool = False
-    facts: dict = field(default_factory=dict)  # model and ground truth as the tests saw them, for the report
-
-
-STATE = pytest.StashKey[HarnessState]()
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -81,66 +37,9 @@ STATE = pytest.StashKey[HarnessState]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("capture-conformance", "NNsight capture server conformance")
-    group.addoption("--host", default=None,
-                    help="test the capture server at this host (or http://host:port URL) instead of starting the bundled one")
-    group.addoption("--port", type=int, default=None, help=f"port of --host (default {DEFAULT_PORT})")
-    group.addoption("--api-key", default=os.environ.get("CAPTURE_API_KEY"),
-                    help="send 'Authorization: Bearer KEY' (default: $CAPTURE_API_KEY)")
-    group.addoption("--model", default=None,
-                    help="model to load/use on the target (default: the bundled tiny model when bundled, "
-                         "else the first of /health's loaded_models)")
-    group.addoption("--expect-vocab", type=int, default=None,
-                    help="vocab size of --model, when its config.json is not available locally")
-    group.addoption("--expect-hidden", type=int, default=None,
-                    help="hidden size of --model, when its config.json is not available locally")
-    group.addoption("--expect-layers", type=int, default=None,
-                    help="number of decoder layers of --model, when its config.json is not available locally")
-    group.addoption("--profile", choices=PROFILES, default="core",
-                    help="smoke: a minute's sanity; core (default): the contract; full: plus the larger matrices")
-    group.addoption("--launch", default=None, metavar="CMD",
-                    help="start this server command instead of the bundled server; '{port}' is replaced by a free "
-                         "port, '{storage_dir}' by a temporary directory, a leading 'python' by this interpreter")
-    group.addoption("--request-timeout", type=float, default=120.0,
-                    help="seconds allowed for any one request to the server (default 120)")
-    group.addoption("--startup-timeout", type=float, default=300.0,
-                    help="seconds allowed for a started server to become ready (default 300)")
-    group.addoption("--snapshot-dir", default=None,
-                    help="root of the per-model shape snapshot sets (default: the suites' __snapshots__)")
+    add_flags(group.addoption)
     group.addoption("--conformance-report", default=None, metavar="DIR",
                     help="write conformance-report.json into DIR and print the per-area table")
-
-
-@dataclass(frozen=True)
-class Options:
-    host: str | None
-    port: int | None
-    api_key: str | None
-    model: str | None
-    expect_vocab: int | None
-    expect_hidden: int | None
-    expect_layers: int | None
-    profile: str
-    launch: str | None
-    request_timeout: float
-    startup_timeout: float
-    snapshot_dir: str | None
-
-    @classmethod
-    def of(cls, config: pytest.Config) -> "Options":
-        get = config.getoption
-        return cls(get("host"), get("port"), get("api_key"), get("model"), get("expect_vocab"),
-                   get("expect_hidden"), get("expect_layers"), get("profile"), get("launch"),
-                   get("request_timeout"), get("startup_timeout"), get("snapshot_dir"))
-
-    @property
-    def remote_url(self) -> str | None:
-        """The URL of ``--host`` (``--port`` alone means localhost), or None when we start a server."""
-        if self.host is None and self.port is None:
-            return None
-        host = self.host or "127.0.0.1"
-        if host.startswith(("http://", "https://")):
-            return host.rstrip("/") if self.port is None else f"{host.rstrip('/')}:{self.port}"
-        return f"http://{host}:{self.port or DEFAULT_PORT}"
 
 
 # -- wiring ----------------------------------------------------------------------------------
@@ -167,10 +66,11 @@ def pytest_configure(config: pytest.Config) -> None:
         ("full", "conformance test only run with --profile full"),
         ("managed_server", "needs a server started by this run (deselected with --host)"),
         ("needs_api_key", "needs --api-key (deselected without it)"),
+        (f"{MARKER}(name)", "the conformance area of a suite module: " + ", ".join(a.name for a in AREAS)),
     ):
         config.addinivalue_line("markers", f"{marker}: {text}")
-    config.stash[STATE] = HarnessState()
-    options = Options.of(config)
+    options = Options.of(config.getoption)
+    config.stash[STATE] = HarnessState(options=options)
     if options.host and options.launch:
         raise pytest.UsageError("--host and --launch exclude each other: test a running server or start one")
     if options.launch and "{port}" not in options.launch:
@@ -181,9 +81,9 @@ def pytest_configure(config: pytest.Config) -> None:
         # delete, the sets of tests that merely did not run. Obsolete files are removed by hand.
         config.option.disable_unused_snapshots = True
     if config.getoption("conformance_report") and not is_xdist_worker(config):
-        from harness.report import ConformanceReport
+        from harness.report import REPORT_PLUGIN, ConformanceReport
 
-        config.pluginmanager.register(ConformanceReport(config), "capture_conformance_report")
+        config.pluginmanager.register(ConformanceReport(config), REPORT_PLUGIN)
     if options.remote_url and not is_xdist_worker(config) and not _just_looking(config):
         from harness.probe import probe_capture_server
 
@@ -198,7 +98,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # Under xdist the controller runs no tests: start the server now, before the workers exist.
     if config.pluginmanager.has_plugin("dsession") and not _just_looking(config) and run_targets_suites(config):
         reporter = config.pluginmanager.get_plugin("terminalreporter")
-        options = Options.of(config)
+        options = options_of(config)
         if reporter is not None and not options.remote_url:
             reporter.write_line("capture-conformance: starting the capture server for the workers...")
         acquire_target(config)
@@ -230,18 +130,25 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    options = Options.of(config)
+    options = options_of(config)
     wanted = PROFILES.index(options.profile)
+    areas = set(options.areas)
+    unknown = sorted(areas - set(BY_NAME))
+    if unknown:
+        raise pytest.UsageError(f"--area: unknown area(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
     keep, drop = [], []
     for item in items:
         if not is_suite_item(item):
             keep.append(item)
             continue
+        area = _declared_area(item)
+        item.user_properties.append((AREA_PROPERTY, area))
         level = "smoke" if item.get_closest_marker("smoke") else "full" if item.get_closest_marker("full") else "core"
         excluded = (
             PROFILES.index(level) > wanted
             or (item.get_closest_marker("managed_server") and options.remote_url is not None)
             or (item.get_closest_marker("needs_api_key") and not options.api_key)
+            or (areas and area not in areas)
         )
         (drop if excluded else keep).append(item)
     if drop:
@@ -249,8 +156,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+def _declared_area(item: pytest.Item) -> str:
+    marker = item.get_closest_marker(MARKER)
+    if marker is None or not marker.args or marker.args[0] not in BY_NAME:
+        raise pytest.UsageError(
+            f"{item.nodeid}: a suite module declares its area with pytestmark = pytest.mark.{MARKER}(NAME), "
+            f"NAME one of {', '.join(BY_NAME)}; found {marker.args if marker else 'none'}")
+    return marker.args[0]
+
+
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    options = Options.of(config)
+    options = options_of(config)
     if not (options.remote_url or options.launch or run_targets_suites(config)):
         return None
     where = options.remote_url or (f"launch: {options.launch}" if options.launch else "bundled reference server")
@@ -272,7 +188,7 @@ def acquire_target(config: pytest.Config) -> Target:
     state = config.stash[STATE]
     if state.target is not None:
         return state.target
-    options = Options.of(config)
+    options = options_of(config)
     if is_xdist_worker(config):
         handed = config.workerinput.get(WORKERINPUT_KEY)  # type: ignore[attr-defined]
         if handed is None:

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 
 from harness import PROTOCOL_VERSION
+from harness.areas import AREA_PROPERTY, OPTIONAL_AREAS, REQUIRED_AREAS
 from harness.html_report import HTML_FILE, write_html
 
 REPORT_FILE = "conformance-report.json"
-AREAS = ["health", "models", "chat", "single_token", "multi_token", "savepoints", "dtype_size", "out_of_order",
-         "bad_input"]
-# Areas the protocol does not require: shown in the table, not needed for any capture level.
-OPTIONAL_AREAS = ["streaming"]
+REPORT_PLUGIN = "capture_conformance_report"  # the name the plugin registers the report under
+# Areas the protocol does not require (OPTIONAL_AREAS) are shown in the table, not needed for any capture level.
+AREAS = REQUIRED_AREAS
 # Each level needs its areas (and those of the levels below) to have run and passed.
 LEVELS = [
     ("single-token", ["single_token"]),
@@ -64,9 +64,9 @@ class Summary:
     passed: bool = False
 
 
-def area_of(nodeid: str) -> str:
-    stem = Path(nodeid.split("::", 1)[0]).stem
-    return stem.removeprefix("test_")
+def area_of(report: pytest.TestReport) -> str | None:
+    """The area a conformance test declared (the plugin puts it in the report's user properties), else None."""
+    return dict(report.user_properties).get(AREA_PROPERTY)
 
 
 def summarize(results: list[CaseResult]) -> Summary:
@@ -126,20 +126,12 @@ class ConformanceReport:
     # -- collecting ---------------------------------------------------------------------------
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        from harness.plugin import SUITES_DIR
-
-        # location[0] is relative to rootpath; the node id is not when the suites lie outside it (pytest 9)
-        location = getattr(report, "location", None)
-        path = Path(str(location[0] if location else getattr(report, "fspath", "") or report.nodeid.split("::", 1)[0]))
-        if not path.is_absolute():
-            path = self.config.rootpath / path
-        try:
-            path.resolve().relative_to(SUITES_DIR.resolve())
-        except ValueError:
+        area = area_of(report)
+        if area is None:
             return  # not a conformance test
         result = self.results.get(report.nodeid)
         if result is None:
-            result = self.results[report.nodeid] = CaseResult(report.nodeid, area_of(report.nodeid), "passed")
+            result = self.results[report.nodeid] = CaseResult(report.nodeid, area, "passed")
         result.duration_s += report.duration
         if report.when == "call":
             if report.failed:
@@ -169,9 +161,9 @@ class ConformanceReport:
         write_html(report, self.directory)
 
     def as_json(self) -> dict[str, Any]:
-        from harness.plugin import STATE, Options
+        from harness.state import STATE, options_of
 
-        options = Options.of(self.config)
+        options = options_of(self.config)
         state = self.config.stash.get(STATE, None)
         facts = dict(state.facts) if state else {}
         target = state.target if state else None

@@ -15,6 +15,8 @@ import pytest
 from harness import prompts
 from harness.checks import expect_client_error
 
+pytestmark = pytest.mark.area("bad_input")
+
 CLIENT_ERROR = (400, 422)
 
 

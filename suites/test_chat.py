@@ -7,6 +7,8 @@ import pytest
 from harness import prompts
 from harness.checks import expect_token_counts
 
+pytestmark = pytest.mark.area("chat")
+
 
 def _needs_tokenizer(ground_truth) -> None:
     if ground_truth.tokenizer is None:

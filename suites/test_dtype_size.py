@@ -20,6 +20,8 @@ from harness.checks import (
 )
 from harness.tensors import size_cap
 
+pytestmark = pytest.mark.area("dtype_size")
+
 STEPS = 3
 DTYPES = ["float32", "bfloat16", "float16"]
 FORMATS = ["pt", "safetensors"]

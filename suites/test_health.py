@@ -6,6 +6,8 @@ import pytest
 
 from harness import PROTOCOL_VERSION
 
+pytestmark = pytest.mark.area("health")
+
 
 @pytest.mark.smoke
 def test_health_is_ok_and_lists_the_model(capture_client, capture_model):

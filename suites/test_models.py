@@ -6,6 +6,8 @@ import pytest
 
 from harness import prompts
 
+pytestmark = pytest.mark.area("models")
+
 # Ids that no server can load, and that fail fast even without network (no hub lookup times out).
 UNLOADABLE_IDS = ["/nonexistent/capture-conformance-model", "no such model"]
 

@@ -20,6 +20,8 @@ from harness.checks import (
     rounding_tolerance,
 )
 
+pytestmark = pytest.mark.area("multi_token")
+
 STEP_COUNTS = [1, 2, 5, 16]
 # The smoke profile keeps one multi-token case, so a smoke run still tells single- from multi-token capture.
 STEP_COUNTS_SMOKE_5 = [pytest.param(n, marks=pytest.mark.smoke) if n == 5 else n for n in STEP_COUNTS]

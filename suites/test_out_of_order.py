@@ -22,6 +22,8 @@ from harness.checks import (
 )
 from harness.responses import Completion
 
+pytestmark = pytest.mark.area("out_of_order")
+
 TOL = rounding_tolerance("float32")
 CONCURRENT = 8
 

@@ -20,6 +20,8 @@ from harness.checks import (
     rounding_tolerance,
 )
 
+pytestmark = pytest.mark.area("savepoints")
+
 STEPS = 5
 TOL = rounding_tolerance("float32")
 

@@ -7,6 +7,8 @@ import pytest
 from harness import prompts
 from harness.checks import expect_argmax_matches, expect_shape, expect_token_counts
 
+pytestmark = pytest.mark.area("single_token")
+
 STEPS = 5
 PURE_STEPS = 6
 

@@ -14,15 +14,17 @@ from harness import prompts
 from harness.checks import expect_shape
 from harness.responses import SavepointMeta
 
+pytestmark = pytest.mark.area("streaming")
 
-def _stream(capture_client, capture_target, capture_model, max_tokens: int, **extra) -> list[dict]:
+
+def _stream(capture_client, capture_options, capture_model, max_tokens: int, **extra) -> list[dict]:
     body = {"model": capture_model, "messages": [{"role": "user", "content": prompts.STORY}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
     answer = capture_client.post("/v1/chat/completions", body)
     if answer.status != 200 or not answer.content_type.startswith("text/event-stream"):
         message = f"no streaming: asked with stream=true, {answer.describe()}"
-        if capture_target.command and "reference_server" in capture_target.command:
-            pytest.fail(message + " (the bundled reference server streams)")
+        if capture_options.requires("streaming"):
+            pytest.fail(message + " (streaming is required: --require-feature streaming, or the bundled server)")
         pytest.skip(message)
     events = [line[len("data:"):].strip() for line in answer.text.splitlines() if line.startswith("data:")]
     assert events and events[-1] == "[DONE]", f"the stream does not end with 'data: [DONE]': {events[-3:]}"
@@ -43,9 +45,9 @@ def _text(chunks: list[dict]) -> str:
     return "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices"))
 
 
-def test_streamed_text_equals_the_plain_completion(capture_client, capture_target, capture_model, capture_runs):
+def test_streamed_text_equals_the_plain_completion(capture_client, capture_options, capture_model, capture_runs):
     plain = capture_runs.chat(prompts.STORY, 12)
-    chunks = _stream(capture_client, capture_target, capture_model, 12)
+    chunks = _stream(capture_client, capture_options, capture_model, 12)
     assert _text(chunks) == plain.content, (
         f"concatenated deltas differ from the non-streamed text under greedy decoding:\n"
         f"  streamed: {_text(chunks)!r}\n  plain:    {plain.content!r}")
@@ -53,15 +55,15 @@ def test_streamed_text_equals_the_plain_completion(capture_client, capture_targe
     assert finish[-1] == plain.finish_reason, f"finish_reason {finish[-1]!r}, the plain completion says {plain.finish_reason!r}"
 
 
-def test_the_stream_is_token_by_token(capture_client, capture_target, capture_model):
-    chunks = _stream(capture_client, capture_target, capture_model, 12)
+def test_the_stream_is_token_by_token(capture_client, capture_options, capture_model):
+    chunks = _stream(capture_client, capture_options, capture_model, 12)
     with_text = [c for c in chunks if c.get("choices") and (c["choices"][0].get("delta") or {}).get("content")]
     assert len(with_text) >= 6, (
         f"12 generated tokens came in {len(with_text)} chunk(s) with text: the stream is not token by token")
 
 
-def test_the_final_chunk_keeps_the_capture_contract(capture_client, capture_target, capture_model, ground_truth):
-    chunks = _stream(capture_client, capture_target, capture_model, 5, capture={"tokens": "all"},
+def test_the_final_chunk_keeps_the_capture_contract(capture_client, capture_options, capture_model, ground_truth):
+    chunks = _stream(capture_client, capture_options, capture_model, 5, capture={"tokens": "all"},
                      stream_options={"include_usage": True})
     final = chunks[-1]
     assert "activations_meta" in final, (

@@ -1,0 +1,123 @@
+"""The harness's options, declared once: the pytest plugin and ``capture-conformance`` both build from this table.
+
+The plugin adds every flag to pytest's parser; the CLI offers the same flags and
+forwards the ones given to ``pytest.main`` unchanged, so the two faces cannot
+drift apart. ``Options`` is the typed view of a run's values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from harness.areas import AREAS, FEATURES
+
+DEFAULT_PORT = 8006
+PROFILES = ("smoke", "core", "full")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # "--host"
+    help: str
+    kwargs: dict[str, Any] = field(default_factory=dict)  # argparse keywords: type, default, choices, action, metavar
+    group: str = "target"  # the CLI's help group
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--host", "test the capture server at this host (or http://host:port URL) instead of starting the bundled one"),
+    Flag("--port", f"port of --host (default {DEFAULT_PORT})", {"type": int}),
+    Flag("--launch", "start this server command instead of the bundled server; '{port}' is replaced by a free port, "
+                     "'{storage_dir}' by a temporary directory, a leading 'python' by this interpreter",
+         {"metavar": "CMD"}),
+    Flag("--api-key", "send 'Authorization: Bearer KEY' (default: $CAPTURE_API_KEY)",
+         {"default": os.environ.get("CAPTURE_API_KEY")}),
+    Flag("--model", "model to load/use on the target (default: the bundled tiny model when bundled, else the first "
+                    "of /health's loaded_models)"),
+    Flag("--expect-vocab", "vocab size of --model, when its config.json is not available locally", {"type": int},
+         "ground truth"),
+    Flag("--expect-hidden", "hidden size of --model, when its config.json is not available locally", {"type": int},
+         "ground truth"),
+    Flag("--expect-layers", "number of decoder layers of --model, when its config.json is not available locally",
+         {"type": int}, "ground truth"),
+    Flag("--profile", "smoke: a minute's sanity; core (default): the contract; full: plus the larger matrices",
+         {"choices": PROFILES, "default": "core"}, "run"),
+    Flag("--area", "run only this conformance area (repeat or comma-separate for several): "
+                   + ", ".join(a.name for a in AREAS), {"action": "append", "default": [], "metavar": "NAME"}, "run"),
+    Flag("--require-feature", "fail, not skip, when the target lacks this optional feature (repeatable): "
+                              + ", ".join(FEATURES) + "; the bundled server is held to all of them",
+         {"action": "append", "default": [], "choices": FEATURES, "metavar": "FEATURE"}, "run"),
+    Flag("--request-timeout", "seconds allowed for any one request to the server (default 120)",
+         {"type": float, "default": 120.0}, "run"),
+    Flag("--startup-timeout", "seconds allowed for a started server to become ready (default 300)",
+         {"type": float, "default": 300.0}, "run"),
+    Flag("--snapshot-dir", "root of the per-model shape snapshot sets (default: the suites' __snapshots__)", {}, "run"),
+)
+
+
+def add_flags(add: Callable[..., Any]) -> None:
+    """Declare every flag through ``add``: pytest's ``group.addoption``."""
+    for flag in FLAGS:
+        add(flag.name, dest=flag.dest, help=flag.help, **flag.kwargs)
+
+
+def forwarded(namespace: argparse.Namespace) -> list[str]:
+    """The pytest arguments that repeat what the user gave the CLI."""
+    args: list[str] = []
+    for flag in FLAGS:
+        if not hasattr(namespace, flag.dest):
+            continue
+        value = getattr(namespace, flag.dest)
+        for item in value if isinstance(value, list) else [value]:
+            args += [flag.name, str(item)]
+    return args
+
+
+@dataclass(frozen=True)
+class Options:
+    """A run's values of the flags above, read once from pytest's config."""
+
+    host: str | None
+    port: int | None
+    launch: str | None
+    api_key: str | None
+    model: str | None
+    expect_vocab: int | None
+    expect_hidden: int | None
+    expect_layers: int | None
+    profile: str
+    areas: tuple[str, ...]
+    required_features: tuple[str, ...]
+    request_timeout: float
+    startup_timeout: float
+    snapshot_dir: str | None
+
+    @classmethod
+    def of(cls, getoption: Callable[[str], Any]) -> "Options":
+        get = getoption
+        areas = tuple(name.strip() for value in get("area") or () for name in value.split(",") if name.strip())
+        return cls(get("host"), get("port"), get("launch"), get("api_key"), get("model"), get("expect_vocab"),
+                   get("expect_hidden"), get("expect_layers"), get("profile"), areas,
+                   tuple(get("require_feature") or ()), get("request_timeout"), get("startup_timeout"),
+                   get("snapshot_dir"))
+
+    @property
+    def remote_url(self) -> str | None:
+        """The URL of ``--host`` (``--port`` alone means localhost), or None when we start a server."""
+        if self.host is None and self.port is None:
+            return None
+        host = self.host or "127.0.0.1"
+        if host.startswith(("http://", "https://")):
+            return host.rstrip("/") if self.port is None else f"{host.rstrip('/')}:{self.port}"
+        return f"http://{host}:{self.port or DEFAULT_PORT}"
+
+    def requires(self, feature: str) -> bool:
+        """Whether lacking ``feature`` fails the run: asked for, or the bundled server (which has every one)."""
+        bundled = self.remote_url is None and self.launch is None
+        return bundled or feature in self.required_features
