@@ -80,6 +80,7 @@ def create_app(
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
     app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
+    app.state.service = service
 
     @app.exception_handler(CaptureError)
     async def capture_error(request: Request, exc: CaptureError) -> JSONResponse:
@@ -152,9 +153,4 @@ def create_app(
         store.delete_run(run_id)
         return Response(status_code=204)
 
-    if settings.fault:
-        from . import faults
-
-        log.warning("fault injected on purpose: %s", settings.fault)
-        faults.install(settings.fault, faults.Target(app, service, registry, readiness))
     return app

@@ -198,7 +198,7 @@ class CaptureService:
                 "(--max-capture-mb); ask for fewer tokens, savepoints or a smaller dtype"
             )
 
-    # -- seams (one step each; the fault-injection tests replace them) ----------
+    # -- steps of a request, one responsibility each ----------------------------
 
     def _render_prompt(self, model, messages: list[dict]) -> list[int]:
         return chat.render_prompt(model.tokenizer, messages)

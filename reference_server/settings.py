@@ -26,4 +26,3 @@ class Settings:
     max_capture_mb: float = 8192.0  # what one request may capture, computed before generating
     max_storage_mb: float | None = None  # retention limit of the storage directory
     storage_policy: str = "evict"  # over max_storage_mb: "evict" the oldest runs, or "refuse" (507)
-    fault: str | None = None  # a deliberate bug, for the fault-matrix tests only (faults.py)

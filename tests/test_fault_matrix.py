@@ -1,8 +1,8 @@
 """The fault matrix: the conformance suites must pass the reference server and catch every injected fault.
 
-One case per fault in ``reference_server/faults.py`` plus the unfaulted server
+One case per fault in ``tests/faults.py`` plus the unfaulted server
 (``none``). Each case runs ``capture-conformance --profile core`` in a
-subprocess against ``python -m reference_server --fault NAME`` and asserts:
+subprocess against ``python tests/faulty_server.py --fault NAME`` and asserts:
 
 - unfaulted: every area runs; exit status 0, the report passed, no failing test;
 - faulted: only the fault's own area runs (``--area``: the unfaulted case proves
@@ -23,7 +23,7 @@ import pytest
 from fault_matrix import CASE_TIMEOUT_S, OUT_ENV, UNFAULTED, run_case, save, subprocess_env
 from harness.areas import BY_NAME, MARKER
 from harness.plugin import SUITES_DIR
-from reference_server.faults import FAULTS
+from faults import FAULTS
 
 # The faults that issue 4 names, by their number there.
 ISSUE_FAULTS = {
@@ -50,7 +50,7 @@ ISSUE_FAULTS = {
 
 def test_the_registry_covers_every_fault_the_issue_names():
     missing = {n: name for n, name in ISSUE_FAULTS.items() if name not in FAULTS}
-    assert not missing, f"faults named in issue 4 with no entry in reference_server/faults.py: {missing}"
+    assert not missing, f"faults named in issue 4 with no entry in tests/faults.py: {missing}"
     assert len(set(ISSUE_FAULTS.values())) == 18
 
 
@@ -63,6 +63,23 @@ def test_each_fault_lives_in_an_existing_suite_area(name):
                  if f'pytestmark = pytest.mark.{MARKER}("{fault.area}")' in p.read_text()]
     assert declaring, f"fault {name!r} names area {fault.area!r}, but no suite module declares it"
     assert fault.description.strip(), f"fault {name!r} has no description"
+
+
+def test_the_shipped_server_has_no_fault_switch_and_no_fault_code():
+    import re
+    from dataclasses import fields
+
+    import reference_server
+    from reference_server.cli import build_parser
+    from reference_server.settings import Settings
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--fault", "first_step_only"])
+    assert "fault" not in {f.name for f in fields(Settings)}
+    package = Path(reference_server.__file__).parent
+    mentions = [f"{p.name}:{n}" for p in package.rglob("*.py")
+                for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bfaults?\b", line)]
+    assert not mentions, f"the shipped server mentions faults: {mentions}"
 
 
 def test_the_cases_run_offline_without_the_outer_pytest_identity(monkeypatch):

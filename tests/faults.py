@@ -1,9 +1,9 @@
 """Deliberate bugs, for proving that the conformance suites catch them.
 
 Each fault is one realistic defect seen in deployed capture servers or that
-follows from nnsight's footguns. It is switched on only by the hidden
-``capture-server --fault NAME`` option (or ``Settings(fault=...)``) that the
-project's fault-matrix tests use; normal runs never load this module.
+follows from nnsight's footguns. Test code only: ``tests/faulty_server.py``
+builds the reference app with ``create_app`` and installs one fault on the
+pieces it wired together; the shipped server knows nothing of them.
 
 A fault replaces one seam of the server (see ``CaptureService``'s seams, the
 registry, the readiness flag or the app) by wrapping it, so the rest of the
@@ -22,7 +22,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .errors import CaptureError, Unprocessable
+from reference_server.errors import CaptureError, Unprocessable
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def _last_is_first(t: Target) -> None:
 
 @fault("input_is_output", "savepoints", "`.input` savepoints hold the module's output")
 def _input_is_output(t: Target) -> None:
-    from .nnsight_core import PlannedSavepoint
+    from reference_server.nnsight_core import PlannedSavepoint
 
     original = t.service._plan
 
@@ -251,7 +251,7 @@ def _missing_file(t: Target) -> None:
 def _safetensors_key(t: Target) -> None:
     from safetensors.torch import save_file
 
-    from . import storage
+    from reference_server import storage
 
     def save(tensors, path, *args, **kwargs):
         return save_file({"tensor": next(iter(tensors.values()))}, path, *args, **kwargs)
@@ -316,7 +316,7 @@ def _no_lock(t: Target) -> None:
     import anyio
 
     async def generate(worker, prompt_ids, params, plan, options, **kw):
-        from .nnsight_core import DTYPES
+        from reference_server.nnsight_core import DTYPES
 
         return await anyio.to_thread.run_sync(
             worker.model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
