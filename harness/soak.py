@@ -16,7 +16,6 @@ themselves. Only loopback or the user's own hosts should ever be targeted.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import re
@@ -27,7 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
+from fixtures.tiny_model import TINY_MODEL_ID
+from harness.checks import expect_tensor_matches_meta, expect_token_counts
+from harness.client import CaptureClient
+from harness.options import DEFAULT_PORT
+from harness.responses import Completion
+from harness.runs import CaptureRuns
 
 PROMPTS = [
     "Tell me a short story about a fox.",
@@ -70,7 +74,7 @@ class SoakResult:
     contract_violations: list[str] = field(default_factory=list)
     captures: int = 0
     deleted: int = 0
-    kept_runs: dict[str, dict] = field(default_factory=dict)
+    kept_runs: dict[str, Completion] = field(default_factory=dict)
     files_checked: int = 0
     file_problems: list[str] = field(default_factory=list)
     runs_on_disk: int | None = None
@@ -111,18 +115,18 @@ def _rss_mb(pid: int | None) -> float | None:
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
-def run_soak(url: str, total: int = 300, threads: int = 8, model: str = "tiny-qwen3", layers: int = 2,
+def run_soak(url: str, total: int = 300, threads: int = 8, model: str = TINY_MODEL_ID, layers: int = 2,
              storage_dir: Path | None = None, pid: int | None = None, seed: int = 0, timeout: float = 120,
-             headers: dict | None = None) -> SoakResult:
+             api_key: str | None = None) -> SoakResult:
     result = SoakResult()
     lock = threading.Lock()
-    session_local = threading.local()
+    local = threading.local()
 
-    def session() -> requests.Session:
-        if not hasattr(session_local, "s"):
-            session_local.s = requests.Session()
-            session_local.s.headers.update(headers or {})
-        return session_local.s
+    def client() -> CaptureClient:
+        # One client (one keep-alive session) per thread: a requests.Session is not shared across threads.
+        if not hasattr(local, "client"):
+            local.client = CaptureClient(url, api_key=api_key, timeout_s=timeout)
+        return local.client
 
     def one(index: int) -> None:
         rng = random.Random(seed * 1_000_003 + index)
@@ -141,38 +145,36 @@ def run_soak(url: str, total: int = 300, threads: int = 8, model: str = "tiny-qw
             if rng.random() < 0.2:
                 body.update(temperature=0.8, top_p=0.9, seed=index)
         if label == "malformed json":
-            response = session().post(url + "/v1/chat/completions", data=b'{"model": ', timeout=timeout,
+            answer = client().request("POST", "/v1/chat/completions", data=b'{"model": ',
                                       headers={"content-type": "application/json"})
         else:
-            response = session().post(url + "/v1/chat/completions", json=body, timeout=timeout)
-        problems = []
-        if label == "valid" and response.status_code == 200:
-            problems = _check_contract(response.json(), body)
+            answer = client().post("/v1/chat/completions", body)
+        problems, completion, delete = [], None, None
+        if label == "valid" and answer.status == 200:
+            completion = Completion(answer.json_object(), body)
+            problems = _check_contract(completion)
         elif label == "valid":
-            problems = [f"valid request answered {response.status_code}: {response.text[:200]}"]
-        elif not 400 <= response.status_code < 500:
-            problems = [f"{label}: answered {response.status_code}, not 4xx"]
-        delete = None
-        if label == "valid" and response.status_code == 200 and "activation_run_id" in response.json():
-            data = response.json()
-            if rng.random() < 0.3:
-                delete = session().delete(f"{url}/v1/activations/{data['activation_run_id']}", timeout=timeout)
+            problems = [f"valid request answered {answer.describe()}"]
+        elif not 400 <= answer.status < 500:
+            problems = [f"{label}: answered {answer.status}, not 4xx"]
+        captured = completion is not None and "activation_run_id" in completion.body and not problems
+        if captured and rng.random() < 0.3:
+            delete = client().delete(f"/v1/activations/{completion.run_id}")
         with lock:
             result.requests += 1
-            result.statuses[response.status_code] += 1
+            result.statuses[answer.status] += 1
             result.contract_violations.extend(problems)
-            if label == "valid" and response.status_code == 200 and "activation_run_id" in response.json():
-                data = response.json()
+            if captured:
                 result.captures += 1
                 if delete is not None:
-                    result.statuses[delete.status_code] += 1
+                    result.statuses[delete.status] += 1
                     result.requests += 1
-                    if delete.status_code == 204:
+                    if delete.status == 204:
                         result.deleted += 1
                     else:
-                        result.contract_violations.append(f"delete answered {delete.status_code}")
+                        result.contract_violations.append(f"delete answered {delete.status}")
                 else:
-                    result.kept_runs[data["activation_run_id"]] = data["activations_meta"]
+                    result.kept_runs[completion.run_id] = completion
 
     started = time.monotonic()
     result.rss_mb_before = _rss_mb(pid)
@@ -181,61 +183,55 @@ def run_soak(url: str, total: int = 300, threads: int = 8, model: str = "tiny-qw
             future.result()
     result.seconds = time.monotonic() - started
     result.rss_mb_after = _rss_mb(pid)
-    _check_files(url, result, timeout, headers or {})
+    _check_files(CaptureClient(url, api_key=api_key, timeout_s=timeout), model, result)
     if storage_dir is not None:
         result.runs_on_disk = sum(1 for p in Path(storage_dir).iterdir() if _RUN_DIR.match(p.name))
     return result
 
 
-def _check_contract(data: dict, body: dict) -> list[str]:
-    problems = []
-    n = data["usage"]["completion_tokens"]
-    if not 1 <= n <= body["max_tokens"]:
-        problems.append(f"completion_tokens {n} outside 1..{body['max_tokens']}")
-    if "activations_meta" in data:
-        if len(data["completion_token_ids"]) != n:
-            problems.append(f"{len(data['completion_token_ids'])} ids for {n} tokens")
-        for name, meta in data["activations_meta"].items():
-            steps = n if meta["tokens"] == "all" else 1
-            if meta["shape"][:2] != [1, steps]:
-                problems.append(f"{name}: shape {meta['shape']} for {n} tokens, tokens={meta['tokens']}")
-    return problems
+def _check_contract(completion: Completion) -> list[str]:
+    """The library's views and checks; a broken field or contract is one problem, named."""
+    try:
+        captured = "activations_meta" in completion.body
+        n = expect_token_counts(completion) if captured else completion.usage.completion_tokens
+        max_tokens = completion.request["max_tokens"]
+        if not 1 <= n <= max_tokens:
+            return [f"completion_tokens {n} outside 1..{max_tokens}"]
+        if captured:
+            for name, meta in completion.meta.items():
+                steps = n if meta.tokens == "all" else 1
+                if meta.shape[:2] != [1, steps]:
+                    return [f"{name}: shape {meta.shape} for {n} tokens, tokens={meta.tokens}"]
+    except AssertionError as problem:  # ServerFault is one too
+        return [str(problem)]
+    return []
 
 
-def _check_files(url: str, result: SoakResult, timeout: float, headers: dict) -> None:
-    import torch
-    from safetensors.torch import load as load_safetensors
-
-    for run_id, metas in result.kept_runs.items():
-        for name, meta in metas.items():
-            response = requests.get(url + meta["url"], timeout=timeout, headers=headers)
+def _check_files(client: CaptureClient, model: str, result: SoakResult) -> None:
+    """Every kept run's files download and hold what their metadata says."""
+    for run_id, completion in result.kept_runs.items():
+        runs = CaptureRuns(client, model)  # fresh per run: its file cache must not hold the whole soak
+        for name, meta in completion.meta.items():
             result.files_checked += 1
-            if response.status_code != 200:
-                result.file_problems.append(f"{run_id}/{name}: download answered {response.status_code}")
-                continue
-            if meta["format"] == "safetensors":
-                tensor = load_safetensors(response.content).get(name)
-            else:
-                tensor = torch.load(io.BytesIO(response.content), weights_only=True)
-            if tensor is None or list(tensor.shape) != meta["shape"] or str(tensor.dtype) != meta["dtype"] \
-                    or tensor.numel() != meta["numel"]:
-                result.file_problems.append(f"{run_id}/{name}: file does not match its metadata")
+            try:
+                expect_tensor_matches_meta(runs.tensor(completion, name), meta)
+            except AssertionError as problem:
+                result.file_problems.append(f"{run_id}/{name}: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", required=True, help="base URL of the server, e.g. http://127.0.0.1:8006")
+    parser.add_argument("--url", required=True, help=f"base URL of the server, e.g. http://127.0.0.1:{DEFAULT_PORT}")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--model", default="tiny-qwen3")
+    parser.add_argument("--model", default=TINY_MODEL_ID, help="model id on the server (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the model (for layer selectors)")
     parser.add_argument("--storage-dir", type=Path, help="the server's storage directory, to count runs on disk")
     parser.add_argument("--pid", type=int, help="the server's pid, to read its resident memory")
     parser.add_argument("--api-key")
     args = parser.parse_args(argv)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     result = run_soak(args.url, args.requests, args.threads, args.model, args.layers, args.storage_dir, args.pid,
-                      headers=headers)
+                      api_key=args.api_key)
     summary = result.summary()
     print(json.dumps(summary, indent=1))
     failed = result.server_errors or result.contract_violations or result.file_problems or (
