@@ -186,7 +186,9 @@ class Bench:
         return ms, n, (time.process_time() - cpu0) * 1e3
 
     def _run_variant(self, name: str, verify: bool) -> tuple[float, int]:
-        from .server import capture_for, chat_body
+        from harness.client import chat_body
+
+        from .server import capture_for
 
         tokens = self.args.tokens
         if name == "hf-generate":
@@ -201,7 +203,7 @@ class Bench:
                 self._check(name, captured, ids, [1, len(ids), None])
         else:
             capture = capture_for(name, self.num_layers)
-            ms, data = self.server.chat(chat_body(self.server.model_id, LATENCY_PROMPT, tokens, capture), self.args.timeout)
+            ms, data = self.server.chat(chat_body(self.server.model_id, LATENCY_PROMPT, tokens, capture=capture), self.args.timeout)
             n = data["usage"]["completion_tokens"]
             if verify:
                 self._verify_server(name, capture, data)
@@ -275,7 +277,9 @@ class Bench:
                 f"{n}={self.samples[n][-1]['ms']:.0f}ms" for n in names if self.samples[n]))
 
     def concurrency(self, levels: list[int]) -> dict:
-        from .server import LOGITS, chat_body
+        from harness.client import chat_body
+
+        from .server import LOGITS
 
         a = self.args
         body = {"savepoints": [LOGITS], "format": "pt"}
@@ -285,7 +289,7 @@ class Bench:
         used = sorted({p for k in levels for client in plan[k] for p in client}, key=CONCURRENCY_PROMPTS.index)
         solo: dict[str, tuple[list[int], object]] = {}
         for prompt in used:  # solo references (and the concurrency warm-up)
-            _, data = self.server.chat(chat_body(self.server.model_id, prompt, a.tokens, body), a.timeout)
+            _, data = self.server.chat(chat_body(self.server.model_id, prompt, a.tokens, capture=body), a.timeout)
             logits = None if a.no_tensor_check else self.server.fetch(data["activation_run_id"], "_logits", "pt")
             solo[prompt] = (data["completion_token_ids"], logits)
             self.server.delete(data["activation_run_id"])
@@ -301,7 +305,7 @@ class Bench:
                 barrier.wait()
                 for j, prompt in enumerate(plan[k][c]):
                     try:
-                        _, data = self.server.chat(chat_body(self.server.model_id, prompt, a.tokens, body), a.timeout)
+                        _, data = self.server.chat(chat_body(self.server.model_id, prompt, a.tokens, capture=body), a.timeout)
                         results[c][j] = (prompt, data)
                     except Exception as exc:  # noqa: BLE001
                         errors.append(str(exc)[:300])
@@ -371,13 +375,15 @@ class Bench:
         return summary
 
     def soak(self) -> dict:
-        from .server import capture_for, chat_body
+        from harness.client import chat_body
+
+        from .server import capture_for
 
         a = self.args
         n = a.soak_requests
         variants = ["server-logits-pt", "server-logits-safetensors", "server-logits-layers", "server-logits-last"]
         bodies = [chat_body(self.server.model_id, CONCURRENCY_PROMPTS[i % len(CONCURRENCY_PROMPTS)], a.soak_tokens,
-                            capture_for(v, self.num_layers)) for i, v in enumerate(variants)]
+                            capture=capture_for(v, self.num_layers)) for i, v in enumerate(variants)]
         rss_before, peak_before = self.server.rss_mb(), self.server.peak_mb()
         every = max(1, n // 10)
         points = []

@@ -163,18 +163,6 @@ class ServerHandle:
         return torch.load(io.BytesIO(r.content), weights_only=True)
 
 
-def chat_body(model_id: str, prompt: str, tokens: int, capture: dict | None = None) -> dict:
-    body = {
-        "model": model_id,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": tokens,
-        "temperature": 0,
-    }
-    if capture is not None:
-        body["capture"] = capture
-    return body
-
-
 LOGITS = {"name": "_logits", "selector": "lm_head"}
 
 

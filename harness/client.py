@@ -94,6 +94,25 @@ class Answer:
         return self.expect_status(200).json_object()
 
 
+def chat_body(model: str, messages: Iterable[Mapping[str, Any]] | str, max_tokens: int | None = None, *,
+              temperature: float | None = 0.0, capture: Mapping[str, Any] | None = None, **extra: Any) -> dict:
+    """The one builder of a chat request body; ``messages`` may be one user prompt as a string.
+
+    Greedy by default (``temperature: 0``); ``None`` leaves a field out.
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    body: dict[str, Any] = {"model": model, "messages": list(messages)}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    if capture is not None:
+        body["capture"] = dict(capture)
+    body.update(extra)
+    return body
+
+
 @dataclass
 class CaptureClient:
     """A ``requests.Session`` bound to one server, with the harness's limits.
@@ -195,16 +214,7 @@ class CaptureClient:
         **extra: Any,
     ) -> Answer:
         """``POST /v1/chat/completions``; ``messages`` may be one user prompt as a string."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        body: dict[str, Any] = {"model": model, "messages": list(messages)}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        if temperature is not None:
-            body["temperature"] = temperature
-        if capture is not None:
-            body["capture"] = dict(capture)
-        body.update(extra)
+        body = chat_body(model, messages, max_tokens, capture=capture, temperature=temperature, **extra)
         return self.post("/v1/chat/completions", body)
 
     # -- files ----------------------------------------------------------------------------

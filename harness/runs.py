@@ -12,7 +12,7 @@ import json
 import threading
 from typing import Any, Mapping, Sequence
 
-from harness.client import CaptureClient, ServerFault
+from harness.client import CaptureClient, ServerFault, chat_body
 from harness.responses import Completion, SavepointMeta
 from harness.tensors import LoadedTensor, load_tensor_file, size_cap
 
@@ -27,13 +27,7 @@ class CaptureRuns:
 
     def request_body(self, messages: Sequence[Mapping[str, str]] | str, max_tokens: int | None,
                      **extra: Any) -> dict:
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        body: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": 0.0}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        body.update({k: v for k, v in extra.items() if v is not None})
-        return body
+        return chat_body(self.model, messages, max_tokens, **{k: v for k, v in extra.items() if v is not None})
 
     def chat(self, messages: Sequence[Mapping[str, str]] | str, max_tokens: int | None = None, *,
              cached: bool = True, **extra: Any) -> Completion:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fixtures.tiny_model import TINY_MODEL_ID
 from harness.checks import expect_tensor_matches_meta, expect_token_counts
-from harness.client import CaptureClient
+from harness.client import CaptureClient, chat_body
 from harness.options import DEFAULT_PORT
 from harness.responses import Completion
 from harness.runs import CaptureRuns
@@ -130,8 +130,7 @@ def run_soak(url: str, total: int = 300, threads: int = 8, model: str = TINY_MOD
 
     def one(index: int) -> None:
         rng = random.Random(seed * 1_000_003 + index)
-        body = {"model": model, "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-                "max_tokens": rng.randint(1, 8), "temperature": 0}
+        body = chat_body(model, rng.choice(PROMPTS), rng.randint(1, 8))
         kind = rng.random()
         if kind < 0.2:
             label, change = rng.choice(INVALID)

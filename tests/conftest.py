@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model
+from harness.client import chat_body as library_chat_body
 from harness.server import ManagedServer, free_port
 
 
@@ -102,10 +103,5 @@ def stored_run_ids(store) -> list[str]:
 
 
 def chat_body(content: str = "Tell me a short story about a fox.", max_tokens: int = 5, **extra) -> dict:
-    return {
-        "model": TINY_MODEL_ID,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        **extra,
-    }
+    """The library's chat body with the server tests' defaults: the tiny model, greedy, a story prompt."""
+    return library_chat_body(TINY_MODEL_ID, content, max_tokens, **extra)
