@@ -23,6 +23,8 @@ import requests
 MAX_JSON_BYTES = 64 * 2**20
 CONNECT_TIMEOUT_S = 5.0
 EXCERPT_CHARS = 200
+# The port capture servers of this family listen on unless told otherwise.
+DEFAULT_PORT = 8006
 
 
 class ServerFault(AssertionError):

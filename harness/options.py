@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.areas import AREAS, FEATURES
+from harness.client import DEFAULT_PORT
 
-DEFAULT_PORT = 8006
 PROFILES = ("smoke", "core", "full")
 
 

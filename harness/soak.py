@@ -28,8 +28,7 @@ from pathlib import Path
 
 from fixtures.tiny_model import TINY_MODEL_ID
 from harness.checks import expect_tensor_matches_meta, expect_token_counts
-from harness.client import CaptureClient, chat_body
-from harness.options import DEFAULT_PORT
+from harness.client import DEFAULT_PORT, CaptureClient, chat_body
 from harness.responses import Completion
 from harness.runs import CaptureRuns
 
