@@ -108,6 +108,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="root of the per-model shape snapshot sets (default: the suites' __snapshots__)")
     group.addoption("--conformance-report", default=None, metavar="DIR",
                     help="write conformance-report.json into DIR and print the per-area table")
+    # The values area (harness/reference.py): an independent forward pass of the same checkpoint.
+    group.addoption("--reference-model", default=None, metavar="DIR_OR_ID",
+                    help="checkpoint for the values area's reference computation: a local directory or a "
+                         "Hugging Face id already in the local cache (default: --model, found locally)")
+    group.addoption("--reference-device", default="cpu",
+                    help="torch device of the reference computation (default cpu)")
+    group.addoption("--value-tolerance", type=float, default=None, metavar="REL",
+                    help="relative error allowed between a captured value and the reference (default: derived "
+                         "from the server's model dtype and the capture dtype)")
 
 
 @dataclass(frozen=True)
