@@ -99,7 +99,11 @@ class Comparison:
                 f"{self.nearest_wrong} at {self.nearest_wrong_error:.3g}")
 
     def message(self) -> str:
-        return f"{self.summary()}: {self.diagnosis}" if self.diagnosis else self.summary()
+        if not self.diagnosis:
+            return self.summary()
+        return (f"`{self.name}` ({self.selector}, tokens {self.tokens}, {self.capture_dtype}) {self.diagnosis}; "
+                f"relative error {self.rel_error:.3g} to the right value (tolerance {self.tolerance:.3g}), "
+                f"{self.nearest_wrong_error:.3g} to the nearest wrong candidate")
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -111,6 +115,8 @@ def _site_label(site: Site) -> str:
     where = layer_of(site)
     if where and where[2] == "" and site.io == "output":
         return f"layer {where[1]} of the reference (`{site.label}`)"
+    if site.module_path.endswith(".norm") and site.io == "output":
+        return f"`{site.label}` of the reference (the last layer after the final norm)"
     return f"`{site.label}` of the reference"
 
 
@@ -172,7 +178,7 @@ def compare(*, name: str, selector: str, tokens: str, capture_dtype: str, served
             candidates.append(Candidate(f"the same module one position {word} (step i at {at})", full[moved]))
     for other in reference:
         if other != site:
-            candidates.append(Candidate(f"{_site_label(other)} at the right positions", reference[other][where]))
+            candidates.append(Candidate(_site_label(other), reference[other][where]))
     if site.module_path == "lm_head" and site.io == "output":
         candidates.extend(lm_head_transforms(right, temperature))
     candidates = [c for c in candidates if c.values.shape == served.shape]  # another width is no candidate
@@ -197,24 +203,35 @@ def diagnose(served: np.ndarray, right: np.ndarray, full: np.ndarray, where: lis
     if err <= tolerance.rel:
         return (f"within tolerance, but {nearest.label} is as close ({nearest.error:.3g}): the comparison cannot "
                 f"tell the right value from a wrong one; tighten --value-tolerance or check the server's dtype")
+    if nearest.error <= tolerance.rel or (err > tolerance.rel and nearest.error < err / SEPARATION):
+        return f"matches {nearest.label} (relative error {nearest.error:.3g})"
     per_step = [rel_error(served[i], right[i]) for i in range(len(where))]
     bad = [i for i, e in enumerate(per_step) if e > tolerance.rel]
-    if nearest.error <= tolerance.rel or nearest.error < err / SEPARATION:
-        return f"matches {nearest.label} (relative error {nearest.error:.3g})"
-    if bad and len(bad) < len(where):
+    if len(where) == 1:
+        best = min(range(full.shape[0]), key=lambda p: rel_error(served[0], full[p]))
+        best_err = rel_error(served[0], full[best])
+        if best_err <= tolerance.rel and best != where[0]:
+            return (f"the captured step does not match position {_pos(where[0], prompt_len)} of the reference; "
+                    f"it matches position {_pos(best, prompt_len)} (error {best_err:.3g})")
+    elif bad and len(bad) < len(where):
         notes = []
         for i in bad[:3]:
             best = min(range(full.shape[0]), key=lambda p: rel_error(served[i], full[p]))
             best_err = rel_error(served[i], full[best])
-            step_name = f"step {i}" if len(where) > 1 else "the captured step"
+            step_name = f"step {i}"
             expected = f"P-1+{i}" if i else "P-1"
             if best_err <= tolerance.rel:
-                offset = best - (prompt_len - 1)
                 notes.append(f"{step_name} does not match position {expected} of the reference; it matches "
-                             f"position {'P-1' if offset == 0 else f'P-1{offset:+d}'} (error {best_err:.3g})")
+                             f"position {_pos(best, prompt_len)} (error {best_err:.3g})")
             else:
                 notes.append(f"{step_name} does not match position {expected} of the reference "
                              f"(error {per_step[i]:.3g}) nor any other position")
         return "; ".join(notes) + f"; the other steps match (errors <= {tolerance.rel:.3g})"
     return ("matches no candidate: every step is off by about the same amount, as from different weights "
             "(another checkpoint of the same architecture?) or a different computation")
+
+
+def _pos(position: int, prompt_len: int) -> str:
+    """A position of the teacher-forced pass relative to the prompt length: ``P-2``, ``P+3``."""
+    offset = position - prompt_len
+    return "P" if offset == 0 else f"P{offset:+d}"
