@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     truth.add_argument("--expect-vocab", type=int)
     truth.add_argument("--expect-hidden", type=int)
     truth.add_argument("--expect-layers", type=int)
+    values = parser.add_argument_group("values (the reference computation; docs/values.md)")
+    values.add_argument("--reference-model", metavar="DIR_OR_ID",
+                        help="local checkpoint for the reference (default: --model, found locally)")
+    values.add_argument("--reference-device", help="torch device of the reference (default cpu)")
+    values.add_argument("--value-tolerance", type=float, metavar="REL",
+                        help="relative error allowed (default: from the model dtype and the capture dtype)")
     run = parser.add_argument_group("run")
     run.add_argument("--profile", choices=PROFILES, default="core", help="default: core")
     run.add_argument("--report-dir", default="conformance-report",
@@ -53,7 +59,7 @@ def pytest_args(options: argparse.Namespace, extra: list[str]) -> list[str]:
     args = [str(SUITES_DIR), "--profile", options.profile, "--conformance-report", str(report_dir),
             f"--junitxml={report_dir / JUNIT_FILE}", "-p", "no:cacheprovider", "-v" if options.verbose else "-q"]
     for flag in ("host", "port", "launch", "api_key", "model", "expect_vocab", "expect_hidden", "expect_layers",
-                 "request_timeout", "startup_timeout"):
+                 "request_timeout", "startup_timeout", "reference_model", "reference_device", "value_tolerance"):
         value = getattr(options, flag)
         if value is not None:
             args += [f"--{flag.replace('_', '-')}", str(value)]

@@ -201,8 +201,12 @@ def diagnose(served: np.ndarray, right: np.ndarray, full: np.ndarray, where: lis
         if (served >= 0).all() and np.allclose(sums, 1.0, atol=1e-2):
             return "rows sum to 1 and are non-negative: probabilities (softmax), not logits"
     if err <= tolerance.rel:
-        return (f"within tolerance, but {nearest.label} is as close ({nearest.error:.3g}): the comparison cannot "
-                f"tell the right value from a wrong one; tighten --value-tolerance or check the server's dtype")
+        if nearest.error < err:
+            return (f"is within the tolerance but closer to {nearest.label} ({nearest.error:.3g}) than to the right "
+                    f"value: it looks like {nearest.label}")
+        return (f"is within the tolerance, but {nearest.label} is nearly as close ({nearest.error:.3g}): the "
+                f"comparison cannot tell the right value from a wrong one; tighten --value-tolerance or check "
+                f"the server's dtype")
     if nearest.error <= tolerance.rel or (err > tolerance.rel and nearest.error < err / SEPARATION):
         return f"matches {nearest.label} (relative error {nearest.error:.3g})"
     per_step = [rel_error(served[i], right[i]) for i in range(len(where))]

@@ -126,7 +126,10 @@ def test_a_value_as_close_to_a_wrong_candidate_fails_even_within_tolerance():
             Site("model.layers.1"): SITES[Site("model.layers.0")] * (1 + 1e-4)}
     result = _compare(twin[Site("model.layers.1")][P - 1 : P - 1 + N], reference=twin)
     assert result.rel_error < FP32.rel
-    assert not result.ok and "cannot tell the right value from a wrong one" in result.message()
+    assert not result.ok and "closer to layer 1 of the reference" in result.message()
+    between = (twin[Site("model.layers.0")] + twin[Site("model.layers.1")])[P - 1 : P - 1 + N] / 2
+    halfway = _compare(between, reference=twin)
+    assert not halfway.ok and "cannot tell the right value from a wrong one" in halfway.message()
     assert _compare(twin[Site("model.layers.0")][P - 1 : P - 1 + N], reference=twin).ok
 
 
