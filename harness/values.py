@@ -101,6 +101,8 @@ class Comparison:
     def message(self) -> str:
         if not self.diagnosis:
             return self.summary()
+        if self.rel_error == float("inf"):
+            return f"`{self.name}` ({self.selector}, tokens {self.tokens}, {self.capture_dtype}) {self.diagnosis}"
         return (f"`{self.name}` ({self.selector}, tokens {self.tokens}, {self.capture_dtype}) {self.diagnosis}; "
                 f"relative error {self.rel_error:.3g} to the right value (tolerance {self.tolerance:.3g}), "
                 f"{self.nearest_wrong_error:.3g} to the nearest wrong candidate")
@@ -160,11 +162,19 @@ def compare(*, name: str, selector: str, tokens: str, capture_dtype: str, served
             reference: dict[Site, np.ndarray], prompt_len: int, generated: int, tolerance: Tolerance,
             temperature: float | None = None) -> Comparison:
     """``served`` is the downloaded ``[1, n, D]`` tensor; ``reference`` maps sites to ``[P+N, D]`` values."""
-    served = np.asarray(served, dtype=np.float32)[0]
-    steps = served.shape[0]
+    served = np.asarray(served, dtype=np.float32)
     full = reference[site]
     total = full.shape[0]
+    if served.ndim != 3 or served.shape[0] != 1:
+        return Comparison(name, selector, tokens, capture_dtype, 0, float("inf"), tolerance.rel, "-", float("inf"),
+                          False, f"is {list(served.shape)}, not [1, steps, D]: nothing to compare position by position")
+    served = served[0]
+    steps = served.shape[0]
     where = positions(tokens, prompt_len, steps, generated)
+    if not where or max(where) >= total or min(where) < 0:
+        return Comparison(name, selector, tokens, capture_dtype, steps, float("inf"), tolerance.rel, "-",
+                          float("inf"), False, f"has {steps} steps for {generated} completion ids (tokens "
+                                                  f"{tokens!r}): they cannot all be positions of prompt + completion")
     right = full[where]
     if right.shape != served.shape:
         return Comparison(name, selector, tokens, capture_dtype, steps, float("inf"), tolerance.rel, "-",

@@ -138,3 +138,13 @@ def test_tolerances_follow_the_dtypes_and_the_override():
     assert tolerance_for("bfloat16", "float32").rel > tolerance_for("float16", "float32").rel
     assert "assumed" in tolerance_for(None, "float32").source
     assert tolerance_for("bfloat16", "bfloat16", 0.5).rel == 0.5
+
+
+def test_malformed_captures_fail_readably_instead_of_crashing():
+    right = SITES[Site("model.layers.0")][P - 1 : P - 1 + N]
+    too_many = np.concatenate([right, right, right])  # more steps than completion ids
+    result = _compare(too_many)
+    assert not result.ok and f"has {3 * N} steps for {N} completion ids" in result.message()
+    flat = compare(name="x", selector="model.layers[0]", tokens="all", capture_dtype="float32", served=right,
+                   site=Site("model.layers.0"), reference=SITES, prompt_len=P, generated=N, tolerance=FP32)
+    assert not flat.ok and "not [1, steps, D]" in flat.message()
