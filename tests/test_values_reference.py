@@ -148,3 +148,13 @@ def test_malformed_captures_fail_readably_instead_of_crashing():
     flat = compare(name="x", selector="model.layers[0]", tokens="all", capture_dtype="float32", served=right,
                    site=Site("model.layers.0"), reference=SITES, prompt_len=P, generated=N, tolerance=FP32)
     assert not flat.ok and "not [1, steps, D]" in flat.message()
+
+
+def test_the_reference_server_returns_the_prompt_ids_it_fed_the_model(client, hf_reference):
+    from conftest import chat_body
+
+    _, tok = hf_reference
+    body = client.post("/v1/chat/completions", json=chat_body(max_tokens=2, store_activations=True)).json()
+    want = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert body["prompt_token_ids"] == list(want)
+    assert len(body["prompt_token_ids"]) == body["usage"]["prompt_tokens"]
