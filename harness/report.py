@@ -242,11 +242,14 @@ class ConformanceReport:
                     first = f"(skipped: {skipped[0].message.splitlines()[0][:100] if skipped[0].message else ''})"
             lines.append(f"{name:<14}{area.passed:>7}{failed:>7}{area.skipped:>8}  {first}")
         values = report.get("values") or {}
-        if values.get("status") != "not run":
+        status = str(values.get("status", "not run"))
+        if status.startswith(NOT_VERIFIABLE):
+            lines.append(f"{status[:200]}: shapes only")
+        elif status != "not run":
             reference = values.get("reference") or {}
             where = (f"reference {reference.get('model')} on {reference.get('device')}, {reference.get('dtype')}"
                      if reference.get("available") else "no reference")
-            lines.append(f"values: {values.get('status')} ({where}; {values.get('tolerance')})")
+            lines.append(f"values: {status} ({where}; {values.get('tolerance')})")
         verdict = "PASSED" if summary.passed else "FAILED"
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
         lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")
@@ -257,13 +260,19 @@ def _values_section(summary: Summary, facts: dict) -> dict:
     """The values area's verdict, its reference (model, device, dtype), tolerances and every comparison."""
     from harness.values import CAPTURE_TOLERANCE, MODEL_TOLERANCE, SEPARATION
 
-    comparisons = [value for key, value in sorted(facts.items()) if key.startswith("values:")]
-    sources = sorted({c.get("tolerance_source", "") for c in comparisons if isinstance(c, dict)} - {""})
+    comparisons = [value for key, value in sorted(facts.items()) if key.startswith("values:")
+                   and isinstance(value, dict)]
+    by_capture = {c.get("capture_dtype"): c.get("tolerance") for c in comparisons}
+    model_dtypes = sorted({str(c.get("model_dtype")) for c in comparisons})
+    overridden = any(c.get("tolerance_source") == "--value-tolerance" for c in comparisons)
+    tolerance = (f"model dtype {'/'.join(model_dtypes)}: relative error <= "
+                 + ", ".join(f"{tol:.3g} ({dtype} capture)" for dtype, tol in sorted(by_capture.items()))
+                 + (" from --value-tolerance" if overridden else "")) if comparisons else (
+        f"relative error per model dtype {MODEL_TOLERANCE} plus per capture dtype {CAPTURE_TOLERANCE}")
     return {
         "status": summary.values,
         "reference": facts.get("values_reference"),
-        "tolerance": "; ".join(sources) if sources else (
-            f"relative error per model dtype {MODEL_TOLERANCE} plus per capture dtype {CAPTURE_TOLERANCE}"),
+        "tolerance": tolerance,
         "tolerances": {"model_dtype": MODEL_TOLERANCE, "capture_dtype": CAPTURE_TOLERANCE,
                        "separation": f"the right value must be {SEPARATION:g}x closer than any wrong candidate"},
         "comparisons": comparisons,

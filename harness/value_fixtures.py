@@ -133,7 +133,8 @@ class ValueChecks:
         test = (self.config.stash.get(_CURRENT, None) or "?")
         # One fact per comparison: xdist workers' facts are merged key by key in the controller.
         _record_fact(self.config, f"values:{test}:{result.name}", {**result.as_dict(), "test": test,
-                                                                  "tolerance_source": tolerance.source})
+                                                                  "tolerance_source": tolerance.source,
+                                                                  "model_dtype": tolerance.model_dtype})
 
 
 _CURRENT = pytest.StashKey[str]()
