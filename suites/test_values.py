@@ -80,8 +80,12 @@ def test_first_and_last_match_their_positions(capture_runs, ground_truth, value_
     value_checks.check(completion)
 
 
-@pytest.mark.parametrize("dtype,file_format", [("float32", "safetensors"), ("bfloat16", "pt"),
-                                               ("float16", "safetensors")])
+@pytest.mark.parametrize("dtype,file_format", [
+    ("float32", "safetensors"), ("bfloat16", "pt"), ("float16", "safetensors"),
+    # the rest of the matrix (float32-pt is every other test here) with --profile full
+    pytest.param("bfloat16", "safetensors", marks=pytest.mark.full),
+    pytest.param("float16", "pt", marks=pytest.mark.full),
+])
 def test_capture_dtypes_and_formats_keep_the_values(capture_runs, value_checks, dtype, file_format):
     value_checks.require()
     completion = capture_runs.capture(prompts.STORY, STEPS, dtype=dtype, file_format=file_format,
