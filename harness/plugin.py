@@ -176,6 +176,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ("full", "conformance test only run with --profile full"),
         ("managed_server", "needs a server started by this run (deselected with --host)"),
         ("needs_api_key", "needs --api-key (deselected without it)"),
+        ("area", "area(name): the conformance area of a suite module"),
     ):
         config.addinivalue_line("markers", f"{marker}: {text}")
     config.stash[STATE] = HarnessState()

@@ -399,13 +399,14 @@ def _load_drops(t: Target) -> None:
 
 
 # -- issue 12 -----------------------------------------------------------------------
+# (absolute imports: this block moves with the faults to tests/ unchanged)
 # Value faults: every shape, dtype and cross-check of the other areas still holds; only a
 # comparison with an independent computation of the model (area values) can tell.
 
 
 def _replace_sites(t: Target, choose: Callable) -> None:
     """Replace the plan seam: ``choose(model, site)`` returns the site actually captured instead."""
-    from .nnsight_core import PlannedSavepoint
+    from reference_server.nnsight_core import PlannedSavepoint
 
     original = t.service._plan
 
@@ -538,7 +539,7 @@ def _mlp_after_inplace_add(t: Target) -> None:
        "requests with several savepoints take a second code path that applies repetition_penalty 1.3")
 def _capture_changes_generation(t: Target) -> None:
     # Two generation paths with different generation settings: the answer depends on what was captured.
-    from .nnsight_core import CaptureModel
+    from reference_server.nnsight_core import CaptureModel
 
     original = CaptureModel.generate
 
