@@ -67,7 +67,7 @@ class ValueChecks:
         if given is not None:
             if not (isinstance(given, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in given)):
                 raise ServerFault(f"prompt_token_ids should be a list of ints, got {str(given)[:200]}")
-            if given and given != []:
+            if given:
                 return given
         rendered = self.truth.prompt_ids(completion.request.get("messages") or [])
         if rendered is None:
