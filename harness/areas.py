@@ -27,6 +27,7 @@ AREAS: tuple[Area, ...] = (
     Area("dtype_size", "capture dtypes, file formats, metadata against the stored file"),
     Area("out_of_order", "concurrency, sampling and OutOfOrderError"),
     Area("bad_input", "a bad request is a 4xx naming the problem, and the server carries on"),
+    Area("values", "captured values against an independent forward pass of the same checkpoint"),
     Area("streaming", "server-sent events, one chunk per token", required=False),
 )
 

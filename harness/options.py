@@ -57,6 +57,14 @@ FLAGS: tuple[Flag, ...] = (
          {"type": float, "default": 120.0}, "run"),
     Flag("--startup-timeout", "seconds allowed for a started server to become ready (default 300)",
          {"type": float, "default": 300.0}, "run"),
+    # The values area (harness/reference.py): an independent forward pass of the same checkpoint.
+    Flag("--reference-model", "checkpoint for the values area's reference computation: a local directory or a Hugging "
+                              "Face id already in the local cache (default: --model, found locally)",
+         {"metavar": "DIR_OR_ID"}, "values"),
+    Flag("--reference-device", "torch device of the reference computation (default cpu)", {"default": "cpu"}, "values"),
+    Flag("--value-tolerance", "relative error allowed between a captured value and the reference (default: derived "
+                              "from the server's model dtype and the capture dtype)",
+         {"type": float, "metavar": "REL"}, "values"),
     Flag("--snapshot-dir", "root of the per-model shape snapshot sets (default: the suites' __snapshots__)", {}, "run"),
 )
 

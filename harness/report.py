@@ -25,6 +25,10 @@ REPORT_FILE = "conformance-report.json"
 REPORT_PLUGIN = "capture_conformance_report"  # the name the plugin registers the report under
 # Areas the protocol does not require (OPTIONAL_AREAS) are shown in the table, not needed for any capture level.
 AREAS = REQUIRED_AREAS
+# Without a reference computation the values area is skipped with this reason prefix: the
+# shapes may all be right, but the capture level then says "shapes only".
+VALUES_AREA = "values"
+NOT_VERIFIABLE = "values not verifiable"
 # Each level needs its areas (and those of the levels below) to have run and passed.
 LEVELS = [
     ("single-token", ["single_token"]),
@@ -62,6 +66,7 @@ class Summary:
     areas: dict[str, AreaSummary] = field(default_factory=dict)
     capture_level: str = "none"
     passed: bool = False
+    values: str = "not run"  # verified, not verifiable: <reason>, failed, not run
 
 
 def area_of(report: pytest.TestReport) -> str | None:
@@ -88,6 +93,17 @@ def summarize(results: list[CaseResult]) -> Summary:
             if area.first_failure is None:
                 area.first_failure = {"test": result.nodeid.split("::", 1)[-1], "message": result.message}
     clean = {name for name, area in summary.areas.items() if area.clean}
+    values = summary.areas.get(VALUES_AREA)
+    unverifiable = [r for r in results if r.area == VALUES_AREA and r.outcome == "skipped"
+                    and r.message.startswith(NOT_VERIFIABLE)]
+    if values is not None:
+        if values.failed or values.errors:
+            summary.values = "failed"
+        elif unverifiable:
+            summary.values = unverifiable[0].message
+            clean.add(VALUES_AREA)  # not broken, only unverified: the level below says "shapes only"
+        elif values.clean:
+            summary.values = "verified"
     needed: set[str] = set()
     for level, areas in LEVELS:
         needed |= set(areas)
@@ -95,6 +111,8 @@ def summarize(results: list[CaseResult]) -> Summary:
             summary.capture_level = level
         else:
             break
+    if summary.values.startswith(NOT_VERIFIABLE) and summary.capture_level != "none":
+        summary.capture_level += " (shapes only)"
     summary.passed = bool(results) and all(a.failed == 0 and a.errors == 0 for a in summary.areas.values()) and any(
         a.passed for a in summary.areas.values())
     return summary
@@ -181,6 +199,7 @@ class ConformanceReport:
             },
             "model": facts.get("model", options.model),
             "ground_truth": facts.get("ground_truth"),
+            "values": _values_section(summary, facts),
             "pytest_exit_status": self.exit_status,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "duration_s": round(time.time() - self.started, 2),
@@ -214,7 +233,39 @@ class ConformanceReport:
                 if skipped:
                     first = f"(skipped: {skipped[0].message.splitlines()[0][:100] if skipped[0].message else ''})"
             lines.append(f"{name:<14}{area.passed:>7}{failed:>7}{area.skipped:>8}  {first}")
+        values = report.get("values") or {}
+        status = str(values.get("status", "not run"))
+        if status.startswith(NOT_VERIFIABLE):
+            lines.append(f"{status[:200]}: shapes only")
+        elif status != "not run":
+            reference = values.get("reference") or {}
+            where = (f"reference {reference.get('model')} on {reference.get('device')}, {reference.get('dtype')}"
+                     if reference.get("available") else "no reference")
+            lines.append(f"values: {status} ({where}; {values.get('tolerance')})")
         verdict = "PASSED" if summary.passed else "FAILED"
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
         lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")
         return lines
+
+
+def _values_section(summary: Summary, facts: dict) -> dict:
+    """The values area's verdict, its reference (model, device, dtype), tolerances and every comparison."""
+    from harness.values import CAPTURE_TOLERANCE, MODEL_TOLERANCE, SEPARATION
+
+    comparisons = [value for key, value in sorted(facts.items()) if key.startswith("values:")
+                   and isinstance(value, dict)]
+    by_capture = {c.get("capture_dtype"): c.get("tolerance") for c in comparisons}
+    model_dtypes = sorted({str(c.get("model_dtype")) for c in comparisons})
+    overridden = any(c.get("tolerance_source") == "--value-tolerance" for c in comparisons)
+    tolerance = (f"model dtype {'/'.join(model_dtypes)}: relative error <= "
+                 + ", ".join(f"{tol:.3g} ({dtype} capture)" for dtype, tol in sorted(by_capture.items()))
+                 + (" from --value-tolerance" if overridden else "")) if comparisons else (
+        f"relative error per model dtype {MODEL_TOLERANCE} plus per capture dtype {CAPTURE_TOLERANCE}")
+    return {
+        "status": summary.values,
+        "reference": facts.get("values_reference"),
+        "tolerance": tolerance,
+        "tolerances": {"model_dtype": MODEL_TOLERANCE, "capture_dtype": CAPTURE_TOLERANCE,
+                       "separation": f"the right value must be {SEPARATION:g}x closer than any wrong candidate"},
+        "comparisons": comparisons,
+    }

@@ -182,7 +182,9 @@ class CaptureService:
                              generation.hit_eos, prepared.params.stop)
 
     async def _store_async(self, generation, prepared: "PreparedChat") -> dict:
-        return await asyncio.wrap_future(self._writer.submit(self._store, generation, prepared.plan, prepared.options))
+        fields = await asyncio.wrap_future(self._writer.submit(self._store, generation, prepared.plan, prepared.options))
+        # The ids the model was fed (protocol 1.1): a client can recompute the values from them.
+        return {**fields, "prompt_token_ids": prepared.prompt_ids}
 
     def _check_capture_size(self, plan, max_tokens: int, options: dict) -> None:
         """Refuse, before generating, a request whose capture could exceed --max-capture-mb."""

@@ -9,3 +9,4 @@ from harness.fixtures import (  # noqa: F401  (pytest finds fixtures by name in 
     ground_truth,
     shape_snapshot,
 )
+from harness.value_fixtures import server_model_dtype, value_checks, value_reference  # noqa: E402,F401

@@ -396,3 +396,161 @@ def _load_drops(t: Target) -> None:
             raise
 
     t.registry.load = load
+
+
+# -- issue 12 -----------------------------------------------------------------------
+# (absolute imports: this block moves with the faults to tests/ unchanged)
+# Value faults: every shape, dtype and cross-check of the other areas still holds; only a
+# comparison with an independent computation of the model (area values) can tell.
+
+
+def _replace_sites(t: Target, choose: Callable) -> None:
+    """Replace the plan seam: ``choose(model, site)`` returns the site actually captured instead."""
+    from reference_server.nnsight_core import PlannedSavepoint
+
+    original = t.service._plan
+
+    def plan(model, savepoints):
+        return [PlannedSavepoint(name=sp.name, selector=sp.selector, site=choose(model, sp.site) or sp.site)
+                for sp in original(model, savepoints)]
+
+    t.service._plan = plan
+
+
+def _layer_index(path: str) -> tuple[str, int, str] | None:
+    import re
+
+    match = re.match(r"^(.*\.layers)\.(\d+)((?:\..*)?)$", path)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def _is_logits(site) -> bool:
+    return (site.module_path, site.io) == ("lm_head", "output")
+
+
+@fault("layer_from_next", "values", "`model.layers[i]` (output and input) served from layer i+1, consistently")
+def _layer_from_next(t: Target) -> None:
+    # An off-by-one into a list of per-layer hooks or of output_hidden_states.
+    def choose(model, site):
+        where = _layer_index(site.module_path)
+        if where and where[2] == "":
+            return model.sites.get((f"{where[0]}.{where[1] + 1}", site.io))
+        return None
+
+    _replace_sites(t, choose)
+
+
+@fault("last_layer_after_norm", "values", "the last decoder layer's output taken after the final norm")
+def _last_layer_after_norm(t: Target) -> None:
+    # hidden_states[-1] of output_hidden_states is after model.norm, not the last layer's output.
+    def choose(model, site):
+        where = _layer_index(site.module_path)
+        if where and where[2] == "" and site.io == "output" and where[1] == model.info.num_layers - 1:
+            return model.sites.get((f"{where[0].rsplit('.', 1)[0]}.norm", "output"))
+        return None
+
+    _replace_sites(t, choose)
+
+
+@fault("logits_as_probabilities", "values", "`lm_head` captures stored as softmax probabilities (same argmax)")
+def _logits_as_probabilities(t: Target) -> None:
+    def change(gen, plan, options):
+        for sp in plan:
+            if _is_logits(sp.site) and sp.name in gen.tensors:
+                x = gen.tensors[sp.name]
+                gen.tensors[sp.name] = torch.softmax(x.float(), dim=-1).to(x.dtype)
+
+    _wrap_generate(t, change)
+
+
+@fault("logits_temperature_scaled", "values", "sampled requests store the logits divided by the temperature")
+def _logits_temperature_scaled(t: Target) -> None:
+    # Captured after the logits processors (temperature warper) instead of at lm_head.
+    original = t.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
+        generation = await original(worker, prompt_ids, params, plan, options, **kw)
+        if params.temperature > 0:
+            for sp in plan:
+                if _is_logits(sp.site) and sp.name in generation.tensors:
+                    generation.tensors[sp.name] = generation.tensors[sp.name] / params.temperature
+        return generation
+
+    t.service._generate = generate
+
+
+@fault("other_checkpoint", "values", "a slightly different checkpoint of the same architecture served under the name")
+def _other_checkpoint(t: Target) -> None:
+    # Same config, same shapes, same tokenizer; weights differ by 3% of each tensor's spread
+    # (a fine-tune, another revision), deterministic so the run is reproducible.
+    original = t.registry.load
+
+    def load(model_id, device=None, dtype=None):
+        loaded = original(model_id, device, dtype)
+        if loaded:
+            module = t.registry.get(model_id).model._module
+            generator = torch.Generator().manual_seed(12)
+            with torch.no_grad():
+                for param in module.parameters():
+                    noise = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
+                    param.add_(noise * (0.03 * param.float().std()).to(param.dtype))
+        return loaded
+
+    t.registry.load = load
+
+
+@fault("step0_wrong_position", "values", "step 0 of layer savepoints taken at prompt position P-2, not P-1")
+def _step0_wrong_position(t: Target) -> None:
+    # The prefill step's [1, P, H] indexed one too early; later steps ([1, 1, H]) are right. The
+    # logits are left alone (their argmax would give it away in the greedy checks).
+    from dataclasses import replace
+
+    original = t.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
+        generation = await original(worker, prompt_ids, params, plan, options, **kw)
+        hidden = [sp for sp in plan if not _is_logits(sp.site) and sp.name in generation.tensors]
+        holds_step0 = options["tokens"] in ("all", "first") or len(generation.token_ids) == 1
+        if hidden and holds_step0 and len(prompt_ids) > 1:
+            # Position P-2 of the prompt is the last position of a pass over the prompt without its last id.
+            early = await original(worker, prompt_ids[:-1], replace(params, max_new_tokens=1, stop=()), hidden,
+                                   {**options, "tokens": "first"})
+            for sp in hidden:
+                generation.tensors[sp.name][:, 0] = early.tensors[sp.name][:, 0]
+        return generation
+
+    t.service._generate = generate
+
+
+@fault("mlp_after_inplace_add", "values", "`mlp` output captured by reference, then modified in place by the residual add")
+def _mlp_after_inplace_add(t: Target) -> None:
+    # What a hook that keeps a view (no clone) sees when the layer adds the residual in place:
+    # the decoder layer's output.
+    def choose(model, site):
+        where = _layer_index(site.module_path)
+        if where and where[2] == ".mlp" and site.io == "output":
+            return model.sites.get((f"{where[0]}.{where[1]}", "output"))
+        return None
+
+    _replace_sites(t, choose)
+
+
+@fault("capture_changes_generation", "values",
+       "requests with several savepoints take a second code path that applies repetition_penalty 1.3")
+def _capture_changes_generation(t: Target) -> None:
+    # Two generation paths with different generation settings: the answer depends on what was captured.
+    from reference_server.nnsight_core import CaptureModel
+
+    original = CaptureModel.generate
+
+    def generate(self, prompt_ids, params, savepoints, *args, **kwargs):
+        if len(savepoints) <= 1:
+            return original(self, prompt_ids, params, savepoints, *args, **kwargs)
+        plain = CaptureModel._generate_kwargs
+        self._generate_kwargs = lambda p: {**plain(self, p), "repetition_penalty": 1.3}
+        try:
+            return original(self, prompt_ids, params, savepoints, *args, **kwargs)
+        finally:
+            del self._generate_kwargs
+
+    CaptureModel.generate = generate  # process-wide: a faulty server runs one fault only

@@ -187,12 +187,30 @@ def test_capture_level_stops_at_the_first_failing_area():
         return [CaseResult(f"suites/test_{area}.py::t", area, outcome) for area, outcome in outcomes.items()]
 
     everything = dict.fromkeys(["health", "models", "chat", "single_token", "multi_token", "savepoints",
-                                "dtype_size", "out_of_order", "bad_input"], "passed")
+                                "dtype_size", "out_of_order", "bad_input", "values"], "passed")
     assert summarize(results(**everything)).capture_level == "full"
+    assert summarize(results(**everything)).values == "verified"
+    assert summarize(results(**{**everything, "values": "failed"})).capture_level == "savepoints"
     assert summarize(results(**{**everything, "multi_token": "failed"})).capture_level == "single-token"
     assert summarize(results(**{**everything, "single_token": "failed"})).capture_level == "none"
     assert summarize(results(**{**everything, "bad_input": "failed"})).capture_level == "savepoints"
     assert not summarize(results(**{**everything, "bad_input": "failed"})).passed
+
+
+def test_values_not_verifiable_says_shapes_only_and_is_no_silent_pass():
+    areas = ["health", "models", "chat", "single_token", "multi_token", "savepoints", "dtype_size", "out_of_order",
+             "bad_input"]
+    results = [CaseResult(f"suites/test_{a}.py::t", a, "passed") for a in areas]
+    reason = "values not verifiable: torch is not installed (light install)"
+    unverified = results + [CaseResult("suites/test_values.py::t", "values", "skipped", message=reason),
+                            CaseResult("suites/test_values.py::u", "values", "passed")]
+    summary = summarize(unverified)
+    assert summary.capture_level == "full (shapes only)"
+    assert summary.values == reason
+    # a skip for another reason is not "unverifiable": the area is simply not clean, full is not reached
+    other = results + [CaseResult("suites/test_values.py::t", "values", "skipped", message="something else")]
+    assert summarize(other).capture_level == "savepoints"
+    assert summarize(other).values == "not run"
 
 
 # -- ground truth ---------------------------------------------------------------------------------------

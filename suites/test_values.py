@@ -1,0 +1,132 @@
+"""Area values: every captured number against an independent forward pass of the same checkpoint.
+
+The reference (``harness/reference.py``) is the model loaded with plain
+transformers, run once per request over the prompt ids followed by the
+completion ids; step i of a capture is its value at position P-1+i. Each
+comparison states its relative error next to the nearest wrong candidate
+(neighbouring layer, one position off, softmax of the logits, ...) and fails
+when the served tensor is not clearly closest to the right value, saying what
+it looks like instead. Without a reference (light install, model not local)
+the comparisons are skipped as "values not verifiable: <reason>" and the
+report's capture level says shapes only.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import prompts
+from harness.checks import expect_token_counts
+
+pytestmark = pytest.mark.area("values")
+
+STEPS = 5
+
+
+def _named(**selectors: str) -> list[dict]:
+    return [{"name": name, "selector": selector} for name, selector in selectors.items()]
+
+
+def _layers(ground_truth) -> list[int]:
+    """Every decoder layer of a small model; first, second, middle, last two of a deep one."""
+    count = ground_truth.num_layers or 2
+    if count <= 6:
+        return list(range(count))
+    return sorted({0, 1, count // 2, count - 2, count - 1})
+
+
+def test_logits_match_the_reference(capture_runs, value_checks):
+    value_checks.require()
+    completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(_logits="lm_head"))
+    expect_token_counts(completion, expected_steps=STEPS)
+    value_checks.check(completion)
+
+
+def test_store_activations_logits_match_the_reference(capture_runs, value_checks):
+    value_checks.require()
+    completion = capture_runs.chat(prompts.STORY, STEPS, store_activations=True)
+    value_checks.check(completion, ["_logits"])
+
+
+def test_decoder_layer_outputs_match_the_reference(capture_runs, ground_truth, value_checks):
+    value_checks.require()
+    layers = _layers(ground_truth)
+    completion = capture_runs.capture(prompts.STORY, STEPS,
+                                      savepoints=_named(**{f"layer_{i}": f"model.layers[{i}]" for i in layers}))
+    value_checks.check(completion)
+
+
+def test_inputs_match_the_reference(capture_runs, ground_truth, value_checks):
+    value_checks.require()
+    last = (ground_truth.num_layers or 2) - 1
+    completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(
+        layer_0_input="model.layers[0].input", layer_last_input=f"model.layers[{last}].input",
+        head_input="lm_head.input"))
+    value_checks.check(completion)
+
+
+def test_submodules_match_the_reference(capture_runs, value_checks):
+    value_checks.require()
+    completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(
+        mlp="model.layers.0.mlp", down_proj_input="model.layers[0].mlp.down_proj.input",
+        attn_norm="model.layers[0].input_layernorm"))
+    value_checks.check(completion)
+
+
+@pytest.mark.parametrize("tokens", ["first", "last"])
+def test_first_and_last_match_their_positions(capture_runs, ground_truth, value_checks, tokens):
+    value_checks.require()
+    last = (ground_truth.num_layers or 2) - 1
+    completion = capture_runs.capture(prompts.STORY, STEPS, tokens=tokens, savepoints=_named(
+        _logits="lm_head", layer_0="model.layers[0]", layer_last=f"model.layers[{last}]"))
+    value_checks.check(completion)
+
+
+@pytest.mark.parametrize("dtype,file_format", [
+    ("float32", "safetensors"), ("bfloat16", "pt"), ("float16", "safetensors"),
+    # the rest of the matrix (float32-pt is every other test here) with --profile full
+    pytest.param("bfloat16", "safetensors", marks=pytest.mark.full),
+    pytest.param("float16", "pt", marks=pytest.mark.full),
+])
+def test_capture_dtypes_and_formats_keep_the_values(capture_runs, value_checks, dtype, file_format):
+    value_checks.require()
+    completion = capture_runs.capture(prompts.STORY, STEPS, dtype=dtype, file_format=file_format,
+                                      savepoints=_named(_logits="lm_head", layer_0="model.layers[0]"))
+    for meta in completion.meta.values():
+        assert meta.dtype == f"torch.{dtype}", f"`{meta.name}` is {meta.dtype}, asked for {dtype}"
+    value_checks.check(completion)
+
+
+def test_sampled_request_values_match_the_ids_it_returned(capture_runs, ground_truth, value_checks):
+    # The reference uses the ids the server sampled: a sampled capture is checkable too.
+    value_checks.require()
+    completion = capture_runs.capture(prompts.STORY, STEPS, temperature=0.7, top_p=1.0, seed=11,
+                                      savepoints=_named(_logits="lm_head", layer_0="model.layers[0]"))
+    value_checks.check(completion)
+
+
+def test_early_eos_values_match_the_reference(capture_runs, ground_truth, value_checks):
+    value_checks.require()
+    completion = capture_runs.capture(prompts.SHORT_ANSWER, 16, savepoints=_named(
+        _logits="lm_head", layer_0="model.layers[0]"))
+    n = expect_token_counts(completion)
+    assert n >= 1, f"no token generated for {prompts.SHORT_ANSWER!r}"
+    value_checks.check(completion)
+
+
+def test_capture_does_not_change_generation(capture_runs, ground_truth):
+    """No capture, ``_logits`` only, many savepoints: the same greedy request, the same ids and text."""
+    last = (ground_truth.num_layers or 2) - 1
+    many = _named(_logits="lm_head", head_input="lm_head.input", layer_0="model.layers[0]",
+                  layer_0_input="model.layers[0].input", mlp="model.layers[0].mlp",
+                  down_proj_input="model.layers[0].mlp.down_proj.input", layer_last=f"model.layers[{last}]")
+    plain = capture_runs.chat(prompts.STORY, 8, cached=False)
+    logits_only = capture_runs.chat(prompts.STORY, 8, store_activations=True, cached=False)
+    loaded = capture_runs.capture(prompts.STORY, 8, savepoints=many, cached=False)
+    texts = {"no capture": plain.content, "_logits only": logits_only.content, "many savepoints": loaded.content}
+    assert len(set(texts.values())) == 1, f"capture changed the generated text: {texts}"
+    assert logits_only.token_ids == loaded.token_ids, (
+        f"capture changed the generated ids: _logits only {logits_only.token_ids} vs many savepoints "
+        f"{loaded.token_ids}")
+    assert plain.usage.completion_tokens == len(loaded.token_ids), (
+        f"no capture generated {plain.usage.completion_tokens} tokens, with capture {len(loaded.token_ids)}")
