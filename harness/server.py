@@ -127,7 +127,8 @@ class ManagedServer:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
 
     def __enter__(self) -> "ManagedServer":
-        self.start()
+        if self.process is None:
+            self.start()
         try:
             self.wait_ready()
         except BaseException:

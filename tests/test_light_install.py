@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from conftest import free_port
+from conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "nnsight", "transformers")
@@ -91,37 +90,10 @@ def light_venv(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference_server(tmp_path_factory):
-    """The bundled server, started from this (full) environment."""
-    tmp = tmp_path_factory.mktemp("light-server")
-    port = free_port()
-    log_path = tmp / "server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "reference_server", "--port", str(port),
-                                 "--storage-dir", str(tmp / "storage")],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"reference server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                answer = requests.get(f"{url}/health", timeout=2)
-                if answer.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"reference server not ready within 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield {"port": port, "url": url, "log": log_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    """The bundled server, started from this (full) environment through the project's one launcher."""
+    with ServerProcess(tmp_path_factory.mktemp("light-server")) as server:
+        server.wait_ready(180)
+        yield {"port": server.port, "url": server.url, "log": server.log_path}
 
 
 def test_the_light_install_has_no_torch_nnsight_or_transformers(light_venv):
