@@ -14,9 +14,14 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import CaptureError, NotReady
+from .admission import CaptureBudget, default_budget_bytes
+from .errors import CaptureError, NotReady, error_body
 from .guards import ApiKeyGuard, BodySizeLimit
 from .registry import ModelRegistry
 from .schemas import ChatRequest, LoadRequest, PureRequest
@@ -49,7 +54,14 @@ def create_app(
         max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),
         policy=settings.storage_policy,
     )
-    service = CaptureService(settings, registry, store)
+    if settings.capture_budget_mb is not None:
+        budget = CaptureBudget(int(settings.capture_budget_mb * 2**20))
+        budget_source = "--capture-budget-mb"
+    else:
+        limit, budget_source = default_budget_bytes()
+        budget = CaptureBudget(limit)
+    log.info("capture budget: %.0f MiB of captures in flight (%s)", budget.limit_bytes / 2**20, budget_source)
+    service = CaptureService(settings, registry, store, budget)
     readiness = Readiness()
 
     def load_startup_model() -> None:
@@ -80,16 +92,33 @@ def create_app(
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
     app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
+    app.state.budget = budget
 
+    # Every error answer is built by errors.error_body: the protocol's `detail` and OpenAI's `error` envelope.
     @app.exception_handler(CaptureError)
     async def capture_error(request: Request, exc: CaptureError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(error_body(exc.status_code, exc.detail), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        where = [".".join(str(part) for part in e.get("loc", ()) if part != "body") for e in errors]
+        message = "; ".join(f"{w or 'body'}: {e.get('msg', 'invalid')}" for w, e in zip(where, errors))
+        return JSONResponse(error_body(422, errors, message=message, param=where[0] if where else None),
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors: an unknown path (404), a wrong method (405).
+        return JSONResponse(error_body(exc.status_code, exc.detail), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # Log the traceback here; never send it.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__})"), status_code=500)
 
     def require_ready() -> None:
         if not readiness.ready.is_set():
@@ -100,7 +129,8 @@ def create_app(
         if not readiness.ready.is_set():
             body = {"status": "failed", "detail": readiness.failure} if readiness.failure else {"status": "loading"}
             return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ok", "loaded_models": registry.ids(), "protocol": PROTOCOL_VERSION})
+        return JSONResponse({"status": "ok", "loaded_models": registry.ids(), "protocol": PROTOCOL_VERSION,
+                             "capture_budget": budget.snapshot()})
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -126,7 +156,7 @@ def create_app(
         require_ready()
         if not req.stream:
             return await service.chat_completion(req)
-        prepared = service.prepare_chat(req)  # a refused request is a 4xx, not a stream
+        prepared = service.prepare_chat(req)  # a refused request is a 4xx (or the budget's 503), not a stream
 
         async def events():
             try:
@@ -137,9 +167,13 @@ def create_app(
             except Exception as exc:
                 log.exception("streamed generation failed")
                 yield f"data: {json.dumps({'error': {'message': f'internal error ({type(exc).__name__})', 'code': 500}})}\n\n"
+            finally:
+                prepared.reservation.release()  # the capture's files are written (or it failed)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # The background task releases the budget too when the stream never started (idempotent).
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 background=BackgroundTask(prepared.reservation.release))
 
     # A sync endpoint on purpose: it runs in anyio's thread pool, which is what
     # nnsight's `.save` mount breaks; the tests download through it after nnsight loaded.

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-capture-mb", type=float, default=8192.0,
                         help="most MiB one request may capture, computed before generating as "
                              "max_tokens x width x itemsize per savepoint; more is 422 (default: %(default)s)")
+    parser.add_argument("--capture-budget-mb", type=float, default=None,
+                        help="most MiB of host memory that all captures in flight may hold together, counted as "
+                             "2 x each request's worst-case capture size until its files are written; a request "
+                             "that would go over is answered 503 with Retry-After (default: half the memory "
+                             "available at start, stated in the startup log)")
     parser.add_argument("--max-storage-mb", type=float, default=None,
                         help="retention limit of the storage directory (default: none)")
     parser.add_argument("--storage-policy", choices=["evict", "refuse"], default="evict",
@@ -70,6 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_body_bytes=args.max_body_bytes,
         max_savepoints=args.max_savepoints,
         max_capture_mb=args.max_capture_mb,
+        capture_budget_mb=args.capture_budget_mb,
         max_storage_mb=args.max_storage_mb,
         storage_policy=args.storage_policy,
     )

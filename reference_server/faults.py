@@ -396,3 +396,19 @@ def _load_drops(t: Target) -> None:
             raise
 
     t.registry.load = load
+
+
+# -- issue 14 --
+
+
+@fault("list_content_first_part", "chat", "content given as a list of text parts is rendered from its first part only")
+def _list_content_first_part(t: Target) -> None:
+    # The shortcut of servers that grew list support late: `content[0]["text"]`.
+    original = t.service._render_prompt
+
+    def render_prompt(model, messages):
+        flattened = [{**m, "content": m["content"][0]["text"]} if isinstance(m["content"], list) else m
+                     for m in messages]
+        return original(model, flattened)
+
+    t.service._render_prompt = render_prompt
