@@ -23,7 +23,7 @@ MIB = 2**20
 # serialises through one more in-memory copy of the stacked tensor; on CUDA the
 # pieces live on the device and the host holds one copy. Two covers both.
 HOST_COPIES = 2
-DEFAULT_SHARE = 0.5  # of the memory available at start, when --capture-budget-mb is not given
+DEFAULT_SHARE = 0.5  # of the memory available once the startup model is loaded, when --capture-budget-mb is not given
 RETRY_AFTER_S = 1
 
 
@@ -48,7 +48,7 @@ def default_budget_bytes() -> tuple[int, str]:
     if available is None:
         return 4096 * MIB, "4096 MiB (available memory unknown)"
     budget = int(available * DEFAULT_SHARE)
-    return budget, f"{DEFAULT_SHARE:.0%} of the {available / MIB:.0f} MiB available at start"
+    return budget, f"{DEFAULT_SHARE:.0%} of the {available / MIB:.0f} MiB of memory available"
 
 
 class Reservation:

@@ -56,11 +56,9 @@ def create_app(
     )
     if settings.capture_budget_mb is not None:
         budget = CaptureBudget(int(settings.capture_budget_mb * 2**20))
-        budget_source = "--capture-budget-mb"
+        log.info("capture budget: %.0f MiB of captures in flight (--capture-budget-mb)", budget.limit_bytes / 2**20)
     else:
-        limit, budget_source = default_budget_bytes()
-        budget = CaptureBudget(limit)
-    log.info("capture budget: %.0f MiB of captures in flight (%s)", budget.limit_bytes / 2**20, budget_source)
+        budget = CaptureBudget(default_budget_bytes()[0])  # derived again once the startup model is in memory
     service = CaptureService(settings, registry, store, budget)
     readiness = Readiness()
 
@@ -68,6 +66,12 @@ def create_app(
         try:
             if settings.model:
                 registry.load(settings.model)
+            if settings.capture_budget_mb is None:
+                # After loading: a model on the CPU takes its share of the memory first.
+                limit, how = default_budget_bytes()
+                budget.limit_bytes = limit
+                log.info("capture budget: %.0f MiB of captures in flight (%s; --capture-budget-mb to set)",
+                         limit / 2**20, how)
             readiness.ready.set()
             log.info("ready: %s", registry.ids())
         except CaptureError as exc:

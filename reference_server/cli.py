@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most MiB of host memory that all captures in flight may hold together, counted as "
                              "2 x each request's worst-case capture size until its files are written; a request "
                              "that would go over is answered 503 with Retry-After (default: half the memory "
-                             "available at start, stated in the startup log)")
+                             "available once the startup model is loaded, stated in the log)")
     parser.add_argument("--max-storage-mb", type=float, default=None,
                         help="retention limit of the storage directory (default: none)")
     parser.add_argument("--storage-policy", choices=["evict", "refuse"], default="evict",

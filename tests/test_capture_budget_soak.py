@@ -59,6 +59,7 @@ def test_concurrent_captures_stay_within_the_budget(tmp_path):
     server = ServerProcess(tmp_path, "--capture-budget-mb", str(BUDGET_MB))
     try:
         server.wait_ready()
+        assert f"capture budget: {BUDGET_MB} MiB of captures in flight (--capture-budget-mb)" in server.log()
         body = chat_body(max_tokens=MAX_TOKENS, capture={"savepoints": ["lm_head"], "tokens": "all"})
         warm = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60)
         assert warm.status_code == 200, warm.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,9 @@ def test_health_is_503_until_the_model_is_usable_then_200(server_process):
     assert server_process.statuses[-1] == 200
     assert 503 in server_process.statuses, f"never saw 'loading': {server_process.statuses[:5]}"
     body = requests.get(server_process.url + "/health", timeout=5).json()
+    budget = body.pop("capture_budget")  # issue 14: the capture budget in use
     assert body == {"status": "ok", "loaded_models": ["tiny-qwen3"], "protocol": "1"}
+    assert budget["limit_mb"] > 0 and budget["in_use_mb"] == 0 and budget["in_flight"] == 0, budget
 
 
 def test_readme_flow_all_token_logits_download_and_argmax(server_process):
@@ -128,6 +131,8 @@ def test_openai_client_streams_token_by_token(server_process):
 
 def test_openai_client_with_text_parts_and_a_developer_message_gets_a_capture(server_process):
     # Issue 14's "must show": what current OpenAI SDKs and agents send, captured by the reference server.
+    assert re.search(r"capture budget: \d+ MiB of captures in flight \(50% of the \d+ MiB of memory available",
+                     server_process.log_path.read_text()), server_process.log()  # the default, derived and stated
     import openai
     from openai import OpenAI
 
