@@ -52,16 +52,44 @@ def default_budget_bytes() -> tuple[int, str]:
 
 
 class Reservation:
-    """Budget held by one request; ``release`` is idempotent, so every exit path may call it."""
+    """Budget held by one request, given back once the request is done with it *and* every held future is.
+
+    ``release`` is idempotent, so every exit path may call it. ``hold(future)``
+    keeps the budget past ``release`` until the future is done: a client that
+    hangs up ends its response early, but the generation on the model's worker
+    and the storage writer's write go on holding their tensors.
+    """
 
     def __init__(self, budget: "CaptureBudget | None", nbytes: int):
         self._budget = budget
         self.nbytes = nbytes
+        self._lock = threading.Lock()
+        self._holds = 0
+        self._released = False
+
+    def hold(self, future) -> None:
+        if self._budget is None:
+            return
+        with self._lock:
+            self._holds += 1
+        future.add_done_callback(self._drop_hold)  # asyncio or concurrent.futures: both call back once done
+
+    def _drop_hold(self, _future) -> None:
+        with self._lock:
+            self._holds -= 1
+        self._give_back()
 
     def release(self) -> None:
-        budget, self._budget = self._budget, None
-        if budget is not None:
-            budget._release(self.nbytes)
+        with self._lock:
+            self._released = True
+        self._give_back()
+
+    def _give_back(self) -> None:
+        with self._lock:
+            if not self._released or self._holds or self._budget is None:
+                return
+            budget, self._budget = self._budget, None
+        budget._release(self.nbytes)
 
     def __enter__(self) -> "Reservation":
         return self

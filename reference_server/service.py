@@ -158,6 +158,7 @@ class CaptureService:
         on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)  # noqa: E731
         task = asyncio.ensure_future(self._generate(
             prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan, prepared.options, on_token=on_token))
+        prepared.reservation.hold(task)  # a hang-up ends the stream, not the generation: keep its budget
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": prepared.req.model}
 
@@ -195,7 +196,9 @@ class CaptureService:
                              generation.hit_eos, prepared.params.stop)
 
     async def _store_async(self, generation, prepared: "PreparedChat") -> dict:
-        return await asyncio.wrap_future(self._writer.submit(self._store, generation, prepared.plan, prepared.options))
+        write = self._writer.submit(self._store, generation, prepared.plan, prepared.options)
+        prepared.reservation.hold(write)  # the files waiting for the writer count until written
+        return await asyncio.wrap_future(write)
 
     def _check_capture_size(self, plan, max_tokens: int, options: dict) -> int:
         """Refuse, before generating, a request whose capture could exceed --max-capture-mb; its worst-case bytes."""

@@ -121,3 +121,21 @@ def test_failed_and_streamed_captures_give_their_budget_back(small, monkeypatch)
 def test_test_pure_nnsight_is_budgeted_too(small):
     response = small.post("/test_pure_nnsight", json={"max_new_tokens": 8})
     assert response.status_code == 422 and "--capture-budget-mb" in response.json()["detail"], response.text
+
+
+def test_a_held_future_keeps_the_budget_past_release():
+    from concurrent.futures import Future
+
+    budget = CaptureBudget(10 * MIB)
+    reservation = budget.reserve(MIB)
+    generation, write = Future(), Future()
+    reservation.hold(generation)
+    reservation.hold(write)
+    reservation.release()  # the client hung up: the response is over, the work is not
+    assert budget.snapshot()["in_use_mb"] == 2
+    generation.set_result(None)
+    assert budget.snapshot()["in_use_mb"] == 2
+    write.set_exception(OSError("disk full"))
+    assert budget.snapshot()["in_use_mb"] == 0 and budget.snapshot()["in_flight"] == 0
+    reservation.release()
+    assert budget.snapshot()["in_use_mb"] == 0
