@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "float32 models, 1 for bfloat16/float16, whose batched results round differently from "
                              "solo runs and can change greedy ids")
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                             "(default: $CAPTURE_SERVER_API_KEY; none)")
+                        help="require 'Authorization: Bearer KEY' (the scheme in any case) on every endpoint but "
+                             "/health (default: $CAPTURE_SERVER_API_KEY; none)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body; larger is 413 (default: %(default)s)")
     parser.add_argument("--max-savepoints", type=int, default=64,
