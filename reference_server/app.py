@@ -41,6 +41,11 @@ class Readiness:
         self.failure: str | None = None
 
 
+def _stream_error(status: int, detail: str) -> dict:
+    """An error event after a stream started: OpenAI's envelope, with the protocol's status as ``code``."""
+    return {"error": {**error_body(status, detail)["error"], "code": status}}
+
+
 def create_app(
     settings: Settings,
     registry: ModelRegistry | None = None,
@@ -167,10 +172,10 @@ def create_app(
                 async for chunk in service.chat_completion_stream(prepared):
                     yield f"data: {json.dumps(chunk)}\n\n"
             except CaptureError as exc:  # the status line is sent already: report in the stream
-                yield f"data: {json.dumps({'error': {'message': exc.detail, 'code': exc.status_code}})}\n\n"
+                yield f"data: {json.dumps(_stream_error(exc.status_code, exc.detail))}\n\n"
             except Exception as exc:
                 log.exception("streamed generation failed")
-                yield f"data: {json.dumps({'error': {'message': f'internal error ({type(exc).__name__})', 'code': 500}})}\n\n"
+                yield f"data: {json.dumps(_stream_error(500, f'internal error ({type(exc).__name__})'))}\n\n"
             finally:
                 prepared.reservation.release()  # the capture's files are written (or it failed)
             yield "data: [DONE]\n\n"

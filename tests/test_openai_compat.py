@@ -147,3 +147,22 @@ def test_the_key_is_compared_in_constant_time_whatever_the_scheme(keyed, monkeyp
     assert keyed.get("/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
     assert keyed.get("/v1/models", headers={"Authorization": "Basic s3cret"}).status_code == 401
     assert compared == [(b"s3cret", b"s3cret"), (b"s3cret", b"s3cret")]
+
+
+def test_an_error_after_the_stream_started_is_an_openai_error_event(client, monkeypatch):
+    import json
+
+    from reference_server import service as service_module
+    from reference_server.errors import StorageFull
+
+    def full(self, *args, **kwargs):
+        raise StorageFull("storage limit reached (--max-storage-mb)")
+
+    monkeypatch.setattr(service_module.CaptureService, "_store", full)
+    response = client.post(CHAT, json=chat_body(max_tokens=2, capture={}, stream=True))
+    assert response.status_code == 200  # the status line went out before the failure
+    events = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error == {"message": "storage limit reached (--max-storage-mb)", "type": "server_error", "param": None,
+                     "code": 507}
