@@ -38,6 +38,6 @@ MARKER = "area"
 # The user property under which the plugin records each suite test's area: it reaches the xdist controller.
 AREA_PROPERTY = "capture_conformance_area"
 
-# Optional protocol features. A target that lacks one is reported as lacking it (a skip naming it);
+# Optional protocol features (message_forms: list-of-parts content and the `developer` role). A target that lacks one is reported as lacking it (a skip naming it);
 # with --require-feature, and always for the bundled reference server, which has them all, it fails.
-FEATURES = ("streaming",)
+FEATURES = ("streaming", "message_forms")

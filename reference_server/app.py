@@ -14,9 +14,14 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import CaptureError, NotReady
+from .admission import CaptureBudget, default_budget_bytes
+from .errors import CaptureError, NotReady, error_body
 from .guards import ApiKeyGuard, BodySizeLimit
 from .registry import ModelRegistry
 from .schemas import ChatRequest, LoadRequest, PureRequest
@@ -36,6 +41,11 @@ class Readiness:
         self.failure: str | None = None
 
 
+def _stream_error(status: int, detail: str) -> dict:
+    """An error event after a stream started: OpenAI's envelope, with the protocol's status as ``code``."""
+    return {"error": {**error_body(status, detail)["error"], "code": status}}
+
+
 def create_app(
     settings: Settings,
     registry: ModelRegistry | None = None,
@@ -49,13 +59,24 @@ def create_app(
         max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),
         policy=settings.storage_policy,
     )
-    service = CaptureService(settings, registry, store)
+    if settings.capture_budget_mb is not None:
+        budget = CaptureBudget(int(settings.capture_budget_mb * 2**20))
+        log.info("capture budget: %.0f MiB of captures in flight (--capture-budget-mb)", budget.limit_bytes / 2**20)
+    else:
+        budget = CaptureBudget(default_budget_bytes()[0])  # derived again once the startup model is in memory
+    service = CaptureService(settings, registry, store, budget)
     readiness = Readiness()
 
     def load_startup_model() -> None:
         try:
             if settings.model:
                 registry.load(settings.model)
+            if settings.capture_budget_mb is None:
+                # After loading: a model on the CPU takes its share of the memory first.
+                limit, how = default_budget_bytes()
+                budget.limit_bytes = limit
+                log.info("capture budget: %.0f MiB of captures in flight (%s; --capture-budget-mb to set)",
+                         limit / 2**20, how)
             readiness.ready.set()
             log.info("ready: %s", registry.ids())
         except CaptureError as exc:
@@ -81,16 +102,33 @@ def create_app(
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
     app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
     app.state.service = service
+    app.state.budget = budget
 
+    # Every error answer is built by errors.error_body: the protocol's `detail` and OpenAI's `error` envelope.
     @app.exception_handler(CaptureError)
     async def capture_error(request: Request, exc: CaptureError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(error_body(exc.status_code, exc.detail), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        where = [".".join(str(part) for part in e.get("loc", ()) if part != "body") for e in errors]
+        message = "; ".join(f"{w or 'body'}: {e.get('msg', 'invalid')}" for w, e in zip(where, errors))
+        return JSONResponse(error_body(422, errors, message=message, param=where[0] if where else None),
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors: an unknown path (404), a wrong method (405).
+        return JSONResponse(error_body(exc.status_code, exc.detail), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # Log the traceback here; never send it.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__})"), status_code=500)
 
     def require_ready() -> None:
         if not readiness.ready.is_set():
@@ -101,7 +139,8 @@ def create_app(
         if not readiness.ready.is_set():
             body = {"status": "failed", "detail": readiness.failure} if readiness.failure else {"status": "loading"}
             return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ok", "loaded_models": registry.ids(), "protocol": PROTOCOL_VERSION})
+        return JSONResponse({"status": "ok", "loaded_models": registry.ids(), "protocol": PROTOCOL_VERSION,
+                             "capture_budget": budget.snapshot()})
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -127,20 +166,24 @@ def create_app(
         require_ready()
         if not req.stream:
             return await service.chat_completion(req)
-        prepared = service.prepare_chat(req)  # a refused request is a 4xx, not a stream
+        prepared = service.prepare_chat(req)  # a refused request is a 4xx (or the budget's 503), not a stream
 
         async def events():
             try:
                 async for chunk in service.chat_completion_stream(prepared):
                     yield f"data: {json.dumps(chunk)}\n\n"
             except CaptureError as exc:  # the status line is sent already: report in the stream
-                yield f"data: {json.dumps({'error': {'message': exc.detail, 'code': exc.status_code}})}\n\n"
+                yield f"data: {json.dumps(_stream_error(exc.status_code, exc.detail))}\n\n"
             except Exception as exc:
                 log.exception("streamed generation failed")
-                yield f"data: {json.dumps({'error': {'message': f'internal error ({type(exc).__name__})', 'code': 500}})}\n\n"
+                yield f"data: {json.dumps(_stream_error(500, f'internal error ({type(exc).__name__})'))}\n\n"
+            finally:
+                prepared.reservation.release()  # the capture's files are written (or it failed)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # The background task releases the budget too when the stream never started (idempotent).
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 background=BackgroundTask(prepared.reservation.release))
 
     # A sync endpoint on purpose: it runs in anyio's thread pool, which is what
     # nnsight's `.save` mount breaks; the tests download through it after nnsight loaded.

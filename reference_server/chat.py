@@ -18,10 +18,35 @@ class Completion:
     usage: dict
 
 
+def template_messages(messages: list[dict], template: str) -> list[dict]:
+    """The messages as a string-content chat template reads them.
+
+    A list of text parts is joined with newlines (what vLLM does for such
+    templates). ``developer`` stays ``developer`` for a template that names the
+    role, else it is rendered as ``system``: Qwen-style templates silently drop
+    roles they do not know.
+    """
+    keep_developer = "developer" in template
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = "\n".join(part["text"] for part in content)
+        role = message["role"]
+        if role == "developer" and not keep_developer:
+            role = "system"
+        out.append({"role": role, "content": content})
+    return out
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the conversation rendered by the model's own chat template."""
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise Unprocessable("this model has no chat template; use /test_pure_nnsight for raw prompts")
+    if not isinstance(template, str):  # a dict of named templates: look for the role in any of them
+        template = " ".join(map(str, template.values())) if isinstance(template, dict) else str(template)
+    messages = template_messages(messages, template)
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template writes the special tokens itself: adding BOS/EOS again would double them.
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]

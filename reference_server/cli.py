@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "float32 models, 1 for bfloat16/float16, whose batched results round differently from "
                              "solo runs and can change greedy ids")
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                             "(default: $CAPTURE_SERVER_API_KEY; none)")
+                        help="require 'Authorization: Bearer KEY' (the scheme in any case) on every endpoint but "
+                             "/health (default: $CAPTURE_SERVER_API_KEY; none)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body; larger is 413 (default: %(default)s)")
     parser.add_argument("--max-savepoints", type=int, default=64,
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-capture-mb", type=float, default=8192.0,
                         help="most MiB one request may capture, computed before generating as "
                              "max_tokens x width x itemsize per savepoint; more is 422 (default: %(default)s)")
+    parser.add_argument("--capture-budget-mb", type=float, default=None,
+                        help="most MiB of host memory that all captures in flight may hold together, counted as "
+                             "2 x each request's worst-case capture size until its files are written; a request "
+                             "that would go over is answered 503 with Retry-After (default: half the memory "
+                             "available once the startup model is loaded, stated in the log)")
     parser.add_argument("--max-storage-mb", type=float, default=None,
                         help="retention limit of the storage directory (default: none)")
     parser.add_argument("--storage-policy", choices=["evict", "refuse"], default="evict",
@@ -71,6 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_body_bytes=args.max_body_bytes,
         max_savepoints=args.max_savepoints,
         max_capture_mb=args.max_capture_mb,
+        capture_budget_mb=args.capture_budget_mb,
         max_storage_mb=args.max_storage_mb,
         storage_policy=args.storage_policy,
     )

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hmac
 import json
 
+from .errors import error_body
+
 OPEN_PATHS = {"/health"}  # a load balancer must be able to probe without the key
 
 
 async def _send_error(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    body = json.dumps(error_body(status, detail)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
@@ -23,16 +25,26 @@ async def _send_error(send, status: int, detail: str) -> None:
 
 
 class ApiKeyGuard:
-    """``Authorization: Bearer <key>`` on every path but /health; 401 with no other detail."""
+    """``Authorization: Bearer <key>`` on every path but /health; 401 with no other detail.
+
+    The scheme is compared case-insensitively (RFC 7235: ``bearer`` and ``BEARER``
+    are ``Bearer``), the key in constant time, so that the time taken does not
+    tell how much of a guessed key was right.
+    """
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, credentials = header.strip().partition(b" ")
+        key_ok = hmac.compare_digest(credentials.strip(), self._expected)  # always run: no early exit on the scheme
+        return scheme.lower() == b"bearer" and key_ok
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
+            if not self._authorized(given):
                 await _send_error(send, 401, "unauthorized")
                 return
         await self.app(scope, receive, send)

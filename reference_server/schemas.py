@@ -4,13 +4,49 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# "developer" is OpenAI's successor to "system" for newer models; chat.template_messages renders it.
+ROLES = ("system", "developer", "user", "assistant")
 
 
 class Message(BaseModel):
+    """One chat message: ``content`` is a string or a list of text parts (as OpenAI's SDKs send it).
+
+    Only validated here; chat.template_messages turns it into what the chat
+    template reads (parts joined, ``developer`` as ``system``).
+    """
+
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: str
+    content: str | list[dict]
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role in ROLES:
+            return role
+        accepted = ", ".join(repr(r) for r in ROLES)
+        if role in ("tool", "function"):
+            raise ValueError(f"role {role!r} is not supported: this server has no tool calling; accepted roles: {accepted}")
+        raise ValueError(f"unknown role {role[:64]!r}; accepted roles: {accepted}")
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content: str | list[dict]) -> str | list[dict]:
+        if isinstance(content, str):
+            return content
+        if not content:
+            raise ValueError("content is an empty list of parts; send a string or at least one text part")
+        for index, part in enumerate(content):
+            kind = part.get("type")
+            if kind != "text":
+                shown = repr(kind[:64]) if isinstance(kind, str) else f"{kind!r:.64}"
+                raise ValueError(f"content part {index} has type {shown}: this server takes text only "
+                                 "(parts of type 'text')")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {index} of type 'text' has no string 'text'")
+        return [{"type": "text", "text": part["text"]} for part in content]
 
 
 class NamedSavepoint(BaseModel):

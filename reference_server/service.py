@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from . import chat
+from .admission import NO_RESERVATION, CaptureBudget, Reservation
 from .errors import BadRequest, Unprocessable
 from .registry import ModelRegistry
 from .schemas import ChatRequest, PureRequest
@@ -37,13 +38,16 @@ class PreparedChat:
     plan: list
     options: dict
     wants_capture: bool
+    reservation: Reservation = NO_RESERVATION  # its share of the capture budget, held until the files are written
 
 
 class CaptureService:
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: RunStore):
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: RunStore,
+                 budget: CaptureBudget | None = None):
         self.settings = settings
         self.registry = registry
         self.store = store
+        self.budget = budget or CaptureBudget(int((settings.capture_budget_mb or 4096.0) * 2**20))
         # Files are written by one writer thread: the event loop stays free, and the
         # next request's generation (on the model's worker) overlaps this request's I/O.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-writer")
@@ -97,7 +101,7 @@ class CaptureService:
         wants_capture = req.store_activations or capture is not None
         options = capture.model_dump() if capture else {"savepoints": None, "tokens": "all", "dtype": "float32", "format": "pt"}
         plan = self._plan(model, options["savepoints"]) if wants_capture else []
-        self._check_capture_size(plan, max_tokens, options)
+        capture_bytes = self._check_capture_size(plan, max_tokens, options)
         prompt_ids = self._render_prompt(model, [m.model_dump() for m in req.messages])
 
         from .nnsight_core import GenerationParams
@@ -109,10 +113,19 @@ class CaptureService:
             seed=req.seed,
             stop=stop,
         )
-        return PreparedChat(req, worker, prompt_ids, params, plan, options, wants_capture)
+        # Admission last: a request refused for any other reason never holds budget. A batched
+        # generate keeps every step of every savepoint until it ends, whatever `tokens` asks.
+        steps_held = 1 if options["tokens"] == "all" else max_tokens
+        reservation = self.budget.reserve(capture_bytes * steps_held)
+        return PreparedChat(req, worker, prompt_ids, params, plan, options, wants_capture, reservation)
 
     async def chat_completion(self, req: ChatRequest) -> dict:
         prepared = self.prepare_chat(req)
+        with prepared.reservation:  # released once the capture's files are written, or on failure
+            return await self._chat_completion(prepared)
+
+    async def _chat_completion(self, prepared: "PreparedChat") -> dict:
+        req = prepared.req
         generation = await self._generate(prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan, prepared.options)
         completion = self._complete(prepared, generation)
         response = {
@@ -145,6 +158,7 @@ class CaptureService:
         on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)  # noqa: E731
         task = asyncio.ensure_future(self._generate(
             prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan, prepared.options, on_token=on_token))
+        prepared.reservation.hold(task)  # a hang-up ends the stream, not the generation: keep its budget
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": prepared.req.model}
 
@@ -182,12 +196,14 @@ class CaptureService:
                              generation.hit_eos, prepared.params.stop)
 
     async def _store_async(self, generation, prepared: "PreparedChat") -> dict:
-        fields = await asyncio.wrap_future(self._writer.submit(self._store, generation, prepared.plan, prepared.options))
+        write = self._writer.submit(self._store, generation, prepared.plan, prepared.options)
+        prepared.reservation.hold(write)  # the files waiting for the writer count until written
+        fields = await asyncio.wrap_future(write)
         # The ids the model was fed (protocol 1.1): a client can recompute the values from them.
         return {**fields, "prompt_token_ids": prepared.prompt_ids}
 
-    def _check_capture_size(self, plan, max_tokens: int, options: dict) -> None:
-        """Refuse, before generating, a request whose capture could exceed --max-capture-mb."""
+    def _check_capture_size(self, plan, max_tokens: int, options: dict) -> int:
+        """Refuse, before generating, a request whose capture could exceed --max-capture-mb; its worst-case bytes."""
         from .nnsight_core import DTYPES
 
         steps = max_tokens if options["tokens"] == "all" else 1
@@ -199,6 +215,7 @@ class CaptureService:
                 f"this capture could write {total / 2**20:.1f} MiB, over the limit of {limit:g} MiB "
                 "(--max-capture-mb); ask for fewer tokens, savepoints or a smaller dtype"
             )
+        return total
 
     # -- steps of a request, one responsibility each ----------------------------
 
@@ -247,9 +264,11 @@ class CaptureService:
 
         prompt_ids = chat.encode_raw(model.tokenizer, req.prompt)
         plan = self._plan(model, DEFAULT_SAVEPOINTS)
-        generation = await worker.generate(
-            GenerationRequest(prompt_ids, GenerationParams(max_new_tokens=max_new), plan, "all", model.dtype)
-        )
+        capture_bytes = self._check_capture_size(plan, max_new, {"tokens": "all", "dtype": model.info.dtype})
+        with self.budget.reserve(capture_bytes):  # its logits are held on the host like any capture
+            generation = await worker.generate(
+                GenerationRequest(prompt_ids, GenerationParams(max_new_tokens=max_new), plan, "all", model.dtype)
+            )
         logits = generation.tensors["_logits"]
         return {
             "success": True,

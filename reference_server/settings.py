@@ -24,5 +24,6 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_savepoints: int = 64
     max_capture_mb: float = 8192.0  # what one request may capture, computed before generating
+    capture_budget_mb: float | None = None  # worst-case host memory of all captures in flight; None: half the available
     max_storage_mb: float | None = None  # retention limit of the storage directory
     storage_policy: str = "evict"  # over max_storage_mb: "evict" the oldest runs, or "refuse" (507)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness import prompts
-from harness.checks import expect_token_counts
+from harness.checks import expect_client_error, expect_token_counts
+from harness.responses import Completion
 
 pytestmark = pytest.mark.area("chat")
 
@@ -118,3 +119,67 @@ def test_seed_makes_sampling_reproducible(capture_runs):
     runs = [capture_runs.chat(prompts.STORY, 12, temperature=1.0, seed=1234, cached=False) for _ in range(2)]
     assert runs[0].content == runs[1].content, (
         f"the same seed sampled two different answers: {runs[0].content!r} vs {runs[1].content!r}")
+
+
+# -- message forms of current OpenAI clients (protocol 1.1: "Messages") ------------------------------
+#
+# A server that refuses a form is reported as lacking it ("no list-of-parts content: ..."), with what
+# it answered; the bundled reference server accepts them, so there it is a failure.
+
+def _lacks(capture_options, message: str) -> None:
+    if capture_options.requires("message_forms"):
+        pytest.fail(message + " (required: --require-feature message_forms, or the bundled server)")
+    pytest.skip(message)
+
+
+def _chat_or_lacks(capture_client, capture_options, capture_model, messages, form: str) -> Completion:
+    body = {"model": capture_model, "messages": messages, "max_tokens": 4, "temperature": 0.0}
+    answer = capture_client.post("/v1/chat/completions", body)
+    if answer.status in (400, 422):
+        _lacks(capture_options, f"no {form}: {answer.describe()}")
+    return Completion(answer.ok_json(), body)
+
+
+def test_content_as_a_list_of_text_parts_is_the_joined_text(capture_client, capture_options, capture_model,
+                                                            capture_runs, ground_truth):
+    parts = [{"type": "text", "text": "You are terse."}, {"type": "text", "text": prompts.SHORT_ANSWER}]
+    listed = _chat_or_lacks(capture_client, capture_options, capture_model, [{"role": "user", "content": parts}],
+                            "list-of-parts content")
+    joined = capture_runs.chat([{"role": "user", "content": "\n".join(p["text"] for p in parts)}], 4)
+    assert listed.usage.prompt_tokens == joined.usage.prompt_tokens, (
+        f"content as two text parts gave prompt_tokens {listed.usage.prompt_tokens}, the same text joined by a "
+        f"newline as one string {joined.usage.prompt_tokens}: parts were dropped or joined otherwise")
+    if ground_truth.tokenizer is not None:
+        expected = len(ground_truth.prompt_ids([{"role": "user", "content": joined.request["messages"][0]["content"]}]))
+        assert listed.usage.prompt_tokens == expected, (
+            f"list-of-parts prompt_tokens {listed.usage.prompt_tokens}; the chat template renders the joined "
+            f"text to {expected} tokens")
+    assert listed.content == joined.content, (
+        f"under greedy decoding the list-of-parts request answered {listed.content!r}, the joined string "
+        f"{joined.content!r}: the model did not see the same prompt")
+
+
+def test_developer_role_is_read_as_system(capture_client, capture_options, capture_model, capture_runs, ground_truth):
+    template = str(getattr(ground_truth.tokenizer, "chat_template", "") or "")
+    if "developer" in template:
+        pytest.skip("this model's chat template has a 'developer' role of its own; nothing to compare with 'system'")
+    conversation = prompts.CONVERSATIONS["system+user"]
+    as_developer = [{**conversation[0], "role": "developer"}, *conversation[1:]]
+    developer = _chat_or_lacks(capture_client, capture_options, capture_model, as_developer, "'developer' role")
+    system = capture_runs.chat(conversation, 4)
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens and developer.content == system.content, (
+        f"a 'developer' message gave prompt_tokens {developer.usage.prompt_tokens} and {developer.content!r}; "
+        f"the same as 'system' gives {system.usage.prompt_tokens} and {system.content!r}: "
+        "'developer' was dropped or rendered as a role the template does not know")
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+], ids=lambda p: p["type"])
+def test_a_non_text_part_is_a_client_error_naming_its_type(capture_client, capture_model, capture_runs, part):
+    content = [{"type": "text", "text": "What is in this?"}, part]
+    answer = capture_client.chat(capture_model, [{"role": "user", "content": content}], 2)
+    expect_client_error(answer, (400, 422), mention=part["type"])
+    assert capture_runs.chat(prompts.STORY, 1, cached=False).usage.completion_tokens == 1, (
+        "after the refused part, a valid request was not served")

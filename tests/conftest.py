@@ -102,6 +102,7 @@ def stored_run_ids(store) -> list[str]:
     return sorted(p.name for p in store.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def chat_body(content: str = "Tell me a short story about a fox.", max_tokens: int = 5, **extra) -> dict:
+def chat_body(content: str = "Tell me a short story about a fox.", max_tokens: int = 5, *,
+              model: str = TINY_MODEL_ID, **extra) -> dict:
     """The library's chat body with the server tests' defaults: the tiny model, greedy, a story prompt."""
-    return library_chat_body(TINY_MODEL_ID, content, max_tokens, **extra)
+    return library_chat_body(model, content, max_tokens, **extra)

@@ -554,3 +554,49 @@ def _capture_changes_generation(t: Target) -> None:
             del self._generate_kwargs
 
     CaptureModel.generate = generate  # process-wide: a faulty server runs one fault only
+
+
+# -- issue 14 --
+
+
+@fault("list_content_first_part", "chat", "content given as a list of text parts is rendered from its first part only")
+def _list_content_first_part(t: Target) -> None:
+    # The shortcut of servers that grew list support late: `content[0]["text"]`.
+    original = t.service._render_prompt
+
+    def render_prompt(model, messages):
+        flattened = [{**m, "content": m["content"][0]["text"]} if isinstance(m["content"], list) else m
+                     for m in messages]
+        return original(model, flattened)
+
+    t.service._render_prompt = render_prompt
+
+
+@fault("developer_as_is", "chat", "the `developer` role is handed as is to a chat template that does not know it")
+def _developer_as_is(t: Target) -> None:
+    # What a server does that passes messages straight to the template: Qwen-style
+    # templates then drop the message or render a role the model never saw.
+    def render_prompt(model, messages):
+        tokenizer = model.tokenizer
+        flat = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                 else "\n".join(part["text"] for part in m["content"])} for m in messages]
+        rendered = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    t.service._render_prompt = render_prompt
+
+
+@fault("non_text_part_500", "chat", "a non-text content part (image, audio) answered with 500")
+def _non_text_part_500(t: Target) -> None:
+    # `part["text"]` on an image part: a KeyError that reaches the client as a 500.
+    @t.app.middleware("http")
+    async def crash_on_non_text_part(request: Request, call_next):
+        if request.method == "POST" and request.url.path == "/v1/chat/completions":
+            try:
+                messages = json.loads(await request.body() or b"null").get("messages") or []
+                parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
+            except (ValueError, AttributeError, TypeError):
+                parts = []
+            if any(isinstance(p, dict) and p.get("type") != "text" for p in parts):
+                return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
+        return await call_next(request)

@@ -248,3 +248,27 @@ def test_the_api_key_checks_fail_against_a_server_that_ignores_the_key(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     failures = junit_failures(junit)
     assert any("without the API key should be 401" in m for m in failures.values()), failures
+
+
+def _strict_messages_route(r):
+    """A server of the older family: `content` must be a string, roles system/user/assistant only."""
+    body = json.loads(r.body())
+    for index, message in enumerate(body["messages"]):
+        if not isinstance(message.get("content"), str):
+            return r.reply(422, {"detail": [{"loc": ["body", "messages", index, "content"],
+                                             "msg": "Input should be a valid string"}]})
+        if message.get("role") not in ("system", "user", "assistant"):
+            return r.reply(422, {"detail": [{"loc": ["body", "messages", index, "role"],
+                                             "msg": "Input should be 'system', 'user' or 'assistant'"}]})
+    return r.reply(500, {"detail": "this scripted server only refuses"})
+
+
+def test_a_server_without_the_newer_message_forms_is_reported_as_lacking_them(tmp_path):
+    routes = {**healthy_routes(), ("POST", "/v1/chat/completions"): _strict_messages_route}
+    with ScriptedServer(routes) as server:
+        result = run_pytest(f"{SUITES_DIR}/test_chat.py", "-k", "list_of_text_parts or developer_role", "-rs",
+                            "--host", "127.0.0.1", "--port", str(server.port), cwd=tmp_path, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "2 skipped" in output, output
+    assert "no list-of-parts content: POST /v1/chat/completions answered 422" in output, output
+    assert "no 'developer' role: POST /v1/chat/completions answered 422" in output, output

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 import torch
 
@@ -17,7 +19,9 @@ def test_health_is_503_until_the_model_is_usable_then_200(server_process):
     assert server_process.statuses[-1] == 200
     assert 503 in server_process.statuses, f"never saw 'loading': {server_process.statuses[:5]}"
     body = requests.get(server_process.url + "/health", timeout=5).json()
+    budget = body.pop("capture_budget")  # issue 14: the capture budget in use
     assert body == {"status": "ok", "loaded_models": ["tiny-qwen3"], "protocol": "1"}
+    assert budget["limit_mb"] > 0 and budget["in_use_mb"] == 0 and budget["in_flight"] == 0, budget
 
 
 def test_readme_flow_all_token_logits_download_and_argmax(server_process):
@@ -123,3 +127,36 @@ def test_openai_client_streams_token_by_token(server_process):
     assert final.usage.completion_tokens == 8
     assert final.model_extra["activations_meta"]["_logits"]["shape"] == [1, 8, 151936]
     assert final.model_extra["completion_token_ids"] == plain.model_extra["completion_token_ids"]
+
+
+def test_openai_client_with_text_parts_and_a_developer_message_gets_a_capture(server_process):
+    # Issue 14's "must show": what current OpenAI SDKs and agents send, captured by the reference server.
+    assert re.search(r"capture budget: \d+ MiB of captures in flight \(50% of the \d+ MiB of memory available",
+                     server_process.log_path.read_text()), server_process.log()  # the default, derived and stated
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server_process.url + "/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(
+        model="tiny-qwen3",
+        messages=[
+            {"role": "developer", "content": "You are a storyteller."},
+            {"role": "user", "content": [{"type": "text", "text": "Tell me a short story"},
+                                         {"type": "text", "text": "about a fox."}]},
+        ],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"capture": {"savepoints": ["lm_head"], "tokens": "all"}},
+    )
+    extra = completion.model_extra
+    n = completion.usage.completion_tokens
+    assert n == len(extra["completion_token_ids"]) > 0
+    assert extra["activations_meta"]["lm_head"]["shape"] == [1, n, 151936]
+    tensor = torch.load(extra["activations_meta"]["lm_head"]["file_path"])
+    assert tensor[0].argmax(-1).tolist() == extra["completion_token_ids"]
+    assert completion.choices[0].message.content
+
+    with pytest.raises(openai.UnprocessableEntityError) as caught:  # and a refused part reads as such
+        client.chat.completions.create(model="tiny-qwen3", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}])
+    assert "'input_audio'" in caught.value.body["message"]

@@ -28,7 +28,8 @@ def guarded(registry, tmp_path):
                                          ("get", "/v1/activations/0123456789abcdef0123456789abcdef/_logits")])
 def test_every_endpoint_but_health_needs_the_key(guarded, headers, method, path):
     response = getattr(guarded, method)(path, headers=headers, **({"json": chat_body()} if method == "post" else {}))
-    assert response.status_code == 401 and response.json() == {"detail": "unauthorized"}
+    assert response.status_code == 401 and response.json()["detail"] == "unauthorized"
+    assert response.json()["error"]["type"] == "authentication_error"
 
 
 def test_the_right_key_opens_and_health_needs_none(guarded):
