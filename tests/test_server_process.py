@@ -17,7 +17,7 @@ def test_health_is_503_until_the_model_is_usable_then_200(server_process):
     assert server_process.statuses[-1] == 200
     assert 503 in server_process.statuses, f"never saw 'loading': {server_process.statuses[:5]}"
     body = requests.get(server_process.url + "/health", timeout=5).json()
-    assert body == {"status": "ok", "loaded_models": ["tiny-qwen3"], "protocol": "1"}
+    assert body == {"status": "ok", "loaded_models": ["tiny-qwen3"], "protocol": "1.1"}
 
 
 def test_readme_flow_all_token_logits_download_and_argmax(server_process):
