@@ -68,11 +68,11 @@ class Positions:
         completion = (Completion(answer.ok_json(), body) if answer is not None
                       else self.runs.chat(prompt, steps, capture=capture))
         if positions != "generated":
-            for meta in completion.meta.values():
-                said = meta.raw.get("positions")
-                if said is None and meta.shape[1:2] == [len(completion.token_ids)]:
-                    _lacking(self.target, f"asked with capture.positions={positions!r}, `{meta.name}` came back "
-                                          f"{meta.shape} without 'positions' in its metadata (the generated steps)")
+            meta = completion.meta
+            if meta and not any("positions" in m.raw for m in meta.values()):
+                shapes = {name: m.raw.get("shape") for name, m in meta.items()}
+                _lacking(self.target, f"asked with capture.positions={positions!r}, the answer's activations_meta "
+                                      f"has no 'positions' (shapes {shapes}): the option was ignored")
         return completion
 
     def tensor(self, completion: Completion, name: str) -> LoadedTensor:

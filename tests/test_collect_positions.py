@@ -1,0 +1,120 @@
+"""capture-collect with positions, settings and the bundled server; the loader; the README's probe example."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.dataset import load_run
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = str(REPO / "fixtures" / "gsm8k_sample.jsonl")
+LAYER = "model.layers[1]"
+
+
+def collect(out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.collect", "--input", SAMPLE, "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def prompt_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """The whole sample with --positions prompt and no --host: the bundled server is started for the run."""
+    out = tmp_path_factory.mktemp("collect") / "gsm-prompt"
+    result = collect(out, "--positions", "prompt", "--savepoints", LAYER, "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "starting the bundled reference server" in result.stderr, result.stderr
+    return out
+
+
+def test_prompt_positions_write_one_p_by_h_file_per_problem(prompt_run):
+    rows = [json.loads(line) for line in (prompt_run / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    settings = json.loads((prompt_run / "settings.json").read_text())
+    assert settings["positions"] == "prompt" and settings["savepoints"] == [LAYER] and settings["max_tokens"] == 2
+    for row in rows:
+        p = row["usage"]["prompt_tokens"]
+        assert row["positions"] == "prompt" and len(row["prompt_token_ids"]) == p
+        assert row["activations"][LAYER]["shape"] == [1, p, 256]
+        assert (prompt_run / row["activations"][LAYER]["file"]).is_file()
+    assert len({r["usage"]["prompt_tokens"] for r in rows}) > 1  # ragged: the loader must handle it
+
+
+def test_the_loader_aligns_arrays_with_the_rows_and_pads_ragged_lengths(prompt_run, tmp_path):
+    run = load_run(prompt_run)
+    rows = [json.loads(line) for line in (prompt_run / "manifest.jsonl").read_text().splitlines()]
+    assert run.ids == [r["id"] for r in rows] and run.prompts == [r["prompt"] for r in rows]
+    assert run.correct.tolist() == [r["correct"] for r in rows]
+    lengths = [r["usage"]["prompt_tokens"] for r in rows]
+    values, mask = run.padded(LAYER)
+    assert values.shape == (24, max(lengths), 256) and mask.sum(1).tolist() == lengths
+    third = run.arrays[LAYER][3]
+    assert np.array_equal(values[3, : lengths[3]], third) and not values[3, lengths[3]:].any()
+    assert np.array_equal(run.last(LAYER)[3], third[-1])
+    exported = run.to_numpy(tmp_path / "npz")
+    saved = np.load(exported / "model.layers_1_.npz")
+    assert np.array_equal(saved["values"], values) and np.array_equal(saved["mask"], mask)
+
+
+def test_the_readme_probe_example_runs_as_written(prompt_run, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- probe-example -->\n```python\n(.*?)```", readme, re.S)
+    assert block, "README.md has no probe example"
+    code = block.group(1).replace('"runs/gsm-prompt"', repr(str(prompt_run)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"held-out accuracy \d\.\d\d on 8 problems\n", result.stdout), result.stdout
+
+
+def test_resume_with_other_settings_is_refused_naming_the_difference(prompt_run):
+    result = collect(prompt_run, "--positions", "prompt", "--savepoints", LAYER, "--max-tokens", "2",
+                     "--dtype", "bfloat16", "--resume", "--host", "127.0.0.1", "--port", "9")
+    assert result.returncode == 2, result.stderr
+    assert "--resume would mix settings" in result.stderr
+    assert "dtype: 'float32' in the run, 'bfloat16' now" in result.stderr, result.stderr
+
+
+def test_an_unreachable_host_stops_at_once_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = collect(tmp_path / "out", "--host", "127.0.0.1", "--port", str(port), timeout=60)
+    assert result.returncode == 2
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"capture-collect: http://127.0.0.1:{port} is unreachable"), lines
+
+
+def test_a_client_error_every_request_repeats_stops_the_run(tmp_path):
+    from conftest import ServerProcess
+
+    (tmp_path / "server").mkdir()
+    server = ServerProcess(tmp_path / "server")
+    try:
+        server.wait_ready()
+        out = tmp_path / "bad"
+        result = collect(out, "--url", server.url, "--savepoints", "model.layers[99]", "--max-tokens", "2")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("the server refused the request") == 1, result.stderr
+        assert "model.layers[99]" in result.stderr and "stopped" in result.stderr
+        assert "--resume" not in result.stderr
+        # bfloat16 files load (numpy cannot read them itself) and match a float32 run within bf16 rounding.
+        for dtype in ("float32", "bfloat16"):
+            done = collect(tmp_path / dtype, "--url", server.url, "--savepoints", LAYER, "--max-tokens", "3",
+                           "--limit", "2", "--dtype", dtype, "--format", "safetensors")
+            assert done.returncode == 0, done.stderr
+        wide, narrow = load_run(tmp_path / "float32"), load_run(tmp_path / "bfloat16")
+        assert wide.settings["dtype"] == "float32" and narrow.settings["dtype"] == "bfloat16"
+        for a, b in zip(wide.arrays[LAYER], narrow.arrays[LAYER]):
+            assert b.dtype == np.float32 and a.shape == b.shape
+            np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2)
+        assert not list(server.storage.glob("*/manifest.json")), "downloaded runs were left on the server"
+    finally:
+        server.stop()
