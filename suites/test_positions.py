@@ -134,7 +134,7 @@ def test_the_prompts_last_position_is_generated_step_0(positions, ground_truth):
         if not np.allclose(whole[:, p - 1:p], step0, rtol=rtol, atol=atol) and p > 1 and np.allclose(
                 whole[:, p - 2:p - 1], step0, rtol=rtol, atol=atol):
             raise AssertionError(f"`{name}`: prompt position P-2 holds generated step 0: the prompt capture is "
-                                 f"shifted by one position")
+                                 f"shifted by one position (position j holds j+1)")
         expect_close(whole[:, p - 1:p], step0, what=f"`{name}` prompt position P-1={p - 1} vs generated step 0",
                      rtol=rtol, atol=atol)
 

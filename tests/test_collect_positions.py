@@ -118,3 +118,56 @@ def test_a_client_error_every_request_repeats_stops_the_run(tmp_path):
         assert not list(server.storage.glob("*/manifest.json")), "downloaded runs were left on the server"
     finally:
         server.stop()
+
+
+def _png_height(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[20:24], "big")
+
+
+def plot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.plot", *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_plot_draws_prompt_positions_and_refuses_top1_without_lm_head(prompt_run, tmp_path):
+    problem = prompt_run / "files" / "sample-000"
+    result = plot(str(problem), "--out", str(tmp_path / "one.png"))
+    assert result.returncode == 0, result.stderr
+    assert "no lm_head savepoint, so no top-1 probability or entropy" in result.stderr
+    assert _png_height(tmp_path / "one.png") == 320  # one panel (norms), not three
+
+
+def test_plot_of_a_whole_collection_run(prompt_run, tmp_path):
+    result = plot(str(prompt_run), "--out", str(tmp_path / "all.png"))
+    assert result.returncode == 0, result.stderr
+    assert _png_height(tmp_path / "all.png") == 450 and (tmp_path / "all.png").stat().st_size > 10_000
+
+
+def test_plot_of_a_sequence_problem_knows_its_tokens_and_where_the_completion_starts(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from harness.plot import run_info, token_labels
+
+    prompt_ids, completion_ids = [11, 12, 13, 14, 15, 16], [21, 22, 23, 24]
+    out = tmp_path / "seq"
+    files = out / "files" / "p-1"
+    files.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file({"_logits": torch.randn(1, 10, 50)}, str(files / "_logits.safetensors"))
+    save_file({"h": torch.randn(1, 10, 8)}, str(files / "h.safetensors"))
+    (out / "settings.json").write_text(json.dumps({"model": "tiny-qwen3", "positions": "sequence"}))
+    row = {"id": "p/1", "positions": "sequence", "prompt_token_ids": prompt_ids, "completion_token_ids": completion_ids,
+           "activations": {"_logits": {"file": "files/p-1/_logits.safetensors"},
+                           "h": {"file": "files/p-1/h.safetensors"}}}
+    (out / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    info = run_info(files)
+    assert info.positions == "sequence" and info.prompt_ids == prompt_ids and info.completion_ids == completion_ids
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert token_labels(info, 10) == [repr(tok.decode([i]))[1:-1] or "·" for i in prompt_ids + completion_ids]
+    result = plot(str(files), "--out", str(tmp_path / "seq.png"))
+    assert result.returncode == 0, result.stderr
+    assert _png_height(tmp_path / "seq.png") == 860  # top-1, entropy and norms
