@@ -160,10 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="problems, JSONL: question, answer[, id]")
     parser.add_argument("--out", type=Path, required=True, help="output directory (manifest.jsonl, files/)")
-    parser.add_argument("--host", default=None,
-                        help="the capture server (default: none given starts the bundled reference server)")
+    parser.add_argument("--host", action="append", default=None, metavar="HOST[:PORT]",
+                        help="a capture server; repeat for several, each row records which one served it "
+                             "(default: none given starts the bundled reference server)")
     parser.add_argument("--port", type=int, default=8006)
-    parser.add_argument("--url", help="base URL; overrides --host/--port")
+    parser.add_argument("--url", action="append", default=None, help="base URL; repeatable; overrides --host/--port")
+    parser.add_argument("--concurrency", type=int, default=1, metavar="K",
+                        help="requests in flight per server (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY"))
     parser.add_argument("--model", default="tiny-qwen3", help="model id on the server (default: %(default)s)")
     parser.add_argument("--savepoints", nargs="*", default=None,
@@ -239,57 +242,106 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             print(f"capture-collect: {exc}", file=sys.stderr)
             return 2
-        url = server.base_url
+        urls = [server.base_url]
     else:
-        url = args.url or f"http://{args.host}:{args.port}"
+        urls = args.url or [h if ":" in h else f"{h}:{args.port}" for h in args.host]
+        urls = [u if u.startswith(("http://", "https://")) else f"http://{u}" for u in urls]
     try:
-        return _collect(args, url, problems, done, manifest, settings_path, settings)
+        return _collect(args, urls, problems, done, manifest, settings_path, settings)
     finally:
         if server is not None:
             server.stop()
 
 
-def _collect(args, url: str, problems: list[dict], done: set, manifest: Path, settings_path: Path,
+def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: Path, settings_path: Path,
              settings: dict) -> int:
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from .probe import probe_capture_server
 
-    problem = probe_capture_server(url, args.api_key, wait_loading_s=60.0)
-    if problem:  # unreachable or not a capture server: one line, not one failure per problem
-        print(problem.replace("capture-conformance:", "capture-collect:", 1), file=sys.stderr)
+    if args.concurrency < 1:
+        print("capture-collect: --concurrency must be at least 1", file=sys.stderr)
         return 2
+    for url in urls:
+        problem = probe_capture_server(url, args.api_key, wait_loading_s=60.0)
+        if problem:  # unreachable or not a capture server: one line, not one failure per problem
+            print(problem.replace("capture-conformance:", "capture-collect:", 1), file=sys.stderr)
+            return 2
     if not settings_path.exists():
         _write_atomically(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
-    client = CaptureClient(url, api_key=args.api_key, timeout_s=args.timeout)
+    clients = [CaptureClient(url, api_key=args.api_key, timeout_s=args.timeout) for url in urls]
+    renderer = _PromptText(args.model)
     todo = [p for p in problems if p["id"] not in done]
-    print(f"capture-collect: {len(problems)} problems, {len(problems) - len(todo)} done already, {len(todo)} to go",
+    print(f"capture-collect: {len(problems)} problems, {len(problems) - len(todo)} done already, {len(todo)} to go"
+          + (f", {len(urls)} servers x {args.concurrency} in flight" if len(urls) > 1 or args.concurrency > 1 else ""),
           file=sys.stderr)
     progress = _progress(len(todo))
     failures = 0
-    with manifest.open("a") as out:
-        for problem in todo:
-            try:
-                record = collect_one(client, problem, args, args.out / "files")
-            except RequestRefused as exc:
-                progress.close()
-                print(f"capture-collect: {problem['id']}: the server refused the request: {exc}\n"
-                      "capture-collect: every problem would be refused the same way: stopped; fix the options "
-                      "(--savepoints, --positions, --model, ...) and rerun", file=sys.stderr)
-                return 2
-            except ServerFault as exc:
-                failures += 1
-                print(f"\ncapture-collect: {problem['id']}: {exc}", file=sys.stderr)
+    refused: str | None = None
+    queue = list(reversed(todo))
+    slots = [client for client in clients for _ in range(args.concurrency)]
+    with manifest.open("a") as out, ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        running = {}
+        while queue or running:
+            while queue and slots and refused is None:
+                client, problem = slots.pop(), queue.pop()
+                future = pool.submit(collect_one, client, problem, args, args.out / "files")
+                running[future] = (client, problem)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                client, problem = running.pop(future)
+                slots.append(client)
+                try:
+                    record = future.result()
+                except RequestRefused as exc:
+                    if refused is None:
+                        refused = f"{problem['id']}: the server refused the request: {exc}"
+                    continue
+                except ServerFault as exc:
+                    failures += 1
+                    print(f"\ncapture-collect: {problem['id']}: {exc}", file=sys.stderr)
+                    progress.update(1)
+                    continue
+                record["prompt_text"] = renderer.text(record.get("prompt_token_ids"))
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())  # a line that is there survives an interruption
                 progress.update(1)
-                continue
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())  # a line that is there survives an interruption
-            progress.update(1)
     progress.close()
+    if refused is not None:
+        print(f"capture-collect: {refused}\n"
+              "capture-collect: every problem would be refused the same way: stopped; fix the options "
+              "(--savepoints, --positions, --model, ...) and rerun", file=sys.stderr)
+        return 2
     records = [json.loads(line) for line in manifest.open() if line.strip()]
     correct = sum(1 for r in records if r.get("correct"))
     print(f"accuracy: {correct}/{len(records)} = {100 * correct / max(1, len(records)):.1f}%"
           + (f" ({failures} failed, rerun with --resume)" if failures else ""))
     return 1 if failures else 0
+
+
+class _PromptText:
+    """The chat-rendered prompt as text, from its ids, with the model's tokenizer when it is available locally."""
+
+    def __init__(self, model: str):
+        self._model = model
+        self._tokenizer = None
+        self._tried = False
+
+    def text(self, ids: list[int] | None) -> str | None:
+        if not ids:
+            return None
+        if not self._tried:
+            self._tried = True
+            from .ground_truth import resolve_ground_truth
+
+            try:
+                self._tokenizer = resolve_ground_truth(self._model).tokenizer
+            except Exception:  # no local copy, no transformers: the ids are still recorded
+                self._tokenizer = None
+        return None if self._tokenizer is None else self._tokenizer.decode(ids)
 
 
 def _progress(total: int):

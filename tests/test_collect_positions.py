@@ -116,6 +116,21 @@ def test_a_client_error_every_request_repeats_stops_the_run(tmp_path):
             assert b.dtype == np.float32 and a.shape == b.shape
             np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2)
         assert not list(server.storage.glob("*/manifest.json")), "downloaded runs were left on the server"
+        # Two servers (here one, under two names) and two requests in flight each: one manifest, rows say who served.
+        port = server.url.rsplit(":", 1)[1]
+        both = collect(tmp_path / "both", "--url", server.url, "--url", f"http://localhost:{port}", "--concurrency",
+                       "2", "--savepoints", LAYER, "--max-tokens", "3", "--limit", "6", "--format", "safetensors")
+        assert both.returncode == 0, both.stderr
+        rows = [json.loads(line) for line in (tmp_path / "both" / "manifest.jsonl").read_text().splitlines()]
+        assert sorted(r["id"] for r in rows) == [f"sample-{i:03d}" for i in range(6)]
+        assert {r["server"] for r in rows} == {server.url, f"http://localhost:{port}"}
+        by_id = {r["id"]: r for r in rows}
+        for row, values in zip(wide.rows, wide.arrays[LAYER]):  # concurrent rows equal the one-at-a-time run
+            assert by_id[row["id"]]["completion_token_ids"] == row["completion_token_ids"]
+            assert np.allclose(load_run(tmp_path / "both").arrays[LAYER][rows.index(by_id[row["id"]])], values,
+                               rtol=1e-4, atol=1e-4)
+        first = by_id["sample-000"]
+        assert first["prompt"] in first["prompt_text"] and first["prompt_text"] != first["prompt"]
     finally:
         server.stop()
 
