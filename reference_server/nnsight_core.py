@@ -111,7 +111,13 @@ class GenerationRequest:
         return ("greedy", self.positions == "sequence", self.needs_all_logits())
 
     def needs_all_logits(self) -> bool:
-        return self.positions != "generated" and any(sp.site.last_only for sp in self.savepoints)
+        """Whether a last-only site (lm_head) must be computed at every prompt position.
+
+        Not for ``tokens: "last"``: the prompt's last position is step 0's, the sequence's
+        last is the extra step's, both computed anyway.
+        """
+        return (self.positions != "generated" and self.tokens != "last"
+                and any(sp.site.last_only for sp in self.savepoints))
 
 
 @dataclass
@@ -469,8 +475,14 @@ class CaptureModel:
     def _select(sp: PlannedSavepoint, entries: list, request: GenerationRequest, n: int, solo: bool) -> torch.Tensor:
         """The captured chunks of one savepoint cut to the request's positions and tokens: ``[1, T, ...]``."""
         prompt_len = len(request.prompt_ids)
-        if solo and request.tokens == "last" and request.positions != "prompt":
-            return entries[-1][:, -1:].clone()  # only the newest step was kept, and it is the last one
+        if request.tokens == "last":
+            if solo and request.positions != "prompt":
+                return entries[-1][:, -1:].clone()  # only the newest step was kept, and it is the last one
+            # The last position is that of one step: step 0 (prompt), N-1 (generated), N (sequence).
+            step = {"prompt": 0, "generated": n - 1, "sequence": n}[request.positions]
+            if len(entries) <= step:
+                raise RuntimeError(f"captured {len(entries)} steps of {sp.name!r}, the last position is step {step}")
+            return entries[step][:, -1:].clone()
         whole = torch.cat(entries, dim=1) if len(entries) > 1 else entries[0]
         want = {"generated": n, "prompt": prompt_len, "sequence": prompt_len + n}[request.positions]
         if request.tokens == "first":
@@ -478,7 +490,7 @@ class CaptureModel:
         if whole.shape[1] < want:
             raise RuntimeError(f"captured {whole.shape[1]} positions of {sp.name!r} for {want} "
                                f"({request.positions}, {n} generated tokens)")
-        chosen = whole[:, want - 1:want] if request.tokens == "last" else whole[:, :want]
+        chosen = whole[:, :want]
         # A slice is a view: saved as is, it would write the whole capture's storage.
         return chosen.clone() if chosen.untyped_storage().nbytes() > chosen.nbytes else chosen
 

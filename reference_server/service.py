@@ -208,7 +208,10 @@ class CaptureService:
         kept = {"generated": max_tokens, "prompt": prompt_len, "sequence": prompt_len + max_tokens}[positions]
         steps = kept if options["tokens"] == "all" else 1
         itemsize = DTYPES[options["dtype"]].itemsize
-        total = sum(steps * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
+        # tokens "first" of prompt positions still has lm_head computed at every prompt position first.
+        first_of_prompt = options["tokens"] == "first" and positions != "generated"
+        total = sum((prompt_len if first_of_prompt and sp.site.last_only else steps)
+                    * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
         limit = self.settings.max_capture_mb
         if total > limit * 2**20:
             raise Unprocessable(

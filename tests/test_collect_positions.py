@@ -186,3 +186,21 @@ def test_plot_of_a_sequence_problem_knows_its_tokens_and_where_the_completion_st
     result = plot(str(files), "--out", str(tmp_path / "seq.png"))
     assert result.returncode == 0, result.stderr
     assert _png_height(tmp_path / "seq.png") == 860  # top-1, entropy and norms
+
+
+def test_the_datasets_export_has_one_row_per_problem(prompt_run, monkeypatch):
+    import types
+
+    made = {}
+
+    class Dataset:
+        @staticmethod
+        def from_dict(columns):
+            made.update(columns)
+            return "dataset"
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(Dataset=Dataset))
+    run = load_run(prompt_run)
+    assert run.to_datasets() == "dataset"
+    assert made["id"] == run.ids and made["correct"] == run.correct.tolist() and made["prompt"] == run.prompts
+    assert [np.asarray(v).shape for v in made[LAYER]] == [a.shape for a in run.arrays[LAYER]]

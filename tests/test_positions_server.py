@@ -105,15 +105,18 @@ def test_batched_sequence_and_prompt_requests_equal_solo_runs(registry):
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=True)
                for c in (FOX, SHORT)]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
-    for positions in ("sequence", "prompt"):
-        requests = [GenerationRequest(p, GenerationParams(m), plan, positions=positions) for p, m in zip(prompts, (5, 20))]
+    for positions, tokens in (("sequence", "all"), ("prompt", "all"), ("sequence", "last"), ("prompt", "last"),
+                              ("generated", "last")):
+        requests = [GenerationRequest(p, GenerationParams(m), plan, tokens, positions=positions)
+                    for p, m in zip(prompts, (5, 20))]
         assert len({r.batch_key() for r in requests}) == 1
         batched = model.generate_batch(requests)
         for request, got in zip(requests, batched):
-            solo = model.generate(request.prompt_ids, request.params, plan, positions=positions)
+            solo = model.generate(request.prompt_ids, request.params, plan, tokens, positions=positions)
             assert got.token_ids == solo.token_ids, positions
             for name in BOTH:
-                torch.testing.assert_close(got.tensors[name], solo.tensors[name], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(got.tensors[name], solo.tensors[name], rtol=1e-4, atol=1e-4,
+                                           msg=f"{positions} {tokens} {name}")
 
 
 def test_a_streamed_sequence_request_streams_only_the_completion(registry):
@@ -151,3 +154,16 @@ def test_models_advertise_the_features_and_unknown_positions_are_422(client):
     assert client.get("/health").json()["protocol"] == "1.1"
     answer = client.post("/v1/chat/completions", json=chat_body(capture={"positions": "prefix"}))
     assert answer.status_code == 422 and "positions" in answer.text, answer.text
+
+
+def test_the_last_prompt_position_of_logits_needs_no_prompt_wide_logits(registry, tmp_path):
+    """tokens 'last' with prompt positions is step 0's logits: small, allowed where 'first' (all P computed) is not."""
+    long_prompt = " ".join(["apples and pears"] * 40)
+    with make_client(registry, tmp_path / "s", max_capture_mb=20.0) as small:
+        last = small.post("/v1/chat/completions", json=chat_body(long_prompt, 2, capture={"positions": "prompt", "tokens": "last"}))
+        assert last.status_code == 200, last.text
+        assert last.json()["activations_meta"]["_logits"]["shape"] == [1, 1, 151936]
+        assert download(small, last.json()["activations_meta"]["_logits"])[0, 0].argmax().item() == \
+            last.json()["completion_token_ids"][0]
+        first = small.post("/v1/chat/completions", json=chat_body(long_prompt, 2, capture={"positions": "prompt", "tokens": "first"}))
+        assert first.status_code == 422 and "MiB" in first.text, first.text
