@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="with {question} (default: %(default)r)")
     parser.add_argument("--limit", type=int, help="only the first N problems")
-    parser.add_argument("--resume", action="store_true", help="skip problems already in the manifest")
+    parser.add_argument("--resume", action="store_true", help="skip problems already in the manifest; refused when its settings.json differs from these options")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="record the server's file paths instead of downloading the files")
     parser.add_argument("--delete-remote", action=argparse.BooleanOptionalAction, default=True,
