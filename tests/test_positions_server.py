@@ -167,3 +167,21 @@ def test_the_last_prompt_position_of_logits_needs_no_prompt_wide_logits(registry
             last.json()["completion_token_ids"][0]
         first = small.post("/v1/chat/completions", json=chat_body(long_prompt, 2, capture={"positions": "prompt", "tokens": "first"}))
         assert first.status_code == 422 and "MiB" in first.text, first.text
+
+
+@pytest.mark.parametrize("content", [FOX, SHORT])
+def test_a_streamed_sequence_capture_streams_the_completion_and_keeps_the_shape(client, content):
+    from test_streaming import sse_chunks
+
+    capture_options = {"savepoints": ["model.layers[1]"], "positions": "sequence"}
+    plain = capture(client, content, 8, "sequence", savepoints=["model.layers[1]"])
+    chunks = sse_chunks(client.post("/v1/chat/completions",
+                                    json=chat_body(content, 8, capture=capture_options, stream=True)))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"]  # the extra step's token is not streamed
+    assert len(chunks) - 2 == plain["usage"]["completion_tokens"]
+    final = chunks[-1]
+    assert final["completion_token_ids"] == plain["completion_token_ids"]
+    assert final["prompt_token_ids"] == plain["prompt_token_ids"]
+    p, n = len(plain["prompt_token_ids"]), len(plain["completion_token_ids"])
+    assert final["activations_meta"]["model.layers[1]"]["shape"] == [1, p + n, 256]
