@@ -185,3 +185,20 @@ def test_a_streamed_sequence_capture_streams_the_completion_and_keeps_the_shape(
     assert final["prompt_token_ids"] == plain["prompt_token_ids"]
     p, n = len(plain["prompt_token_ids"]), len(plain["completion_token_ids"])
     assert final["activations_meta"]["model.layers[1]"]["shape"] == [1, p + n, 256]
+
+
+def test_a_stop_string_ends_a_sequence_capture_where_it_ends_the_generated_one(client):
+    full = capture(client, FOX, 16, savepoints=["model.layers[1]"])["choices"][0]["message"]["content"]
+    stop = full.split()[3]
+    body = {"savepoints": ["model.layers[1]"]}
+    plain = client.post("/v1/chat/completions", json=chat_body(FOX, 16, stop=[stop], capture=body)).json()
+    seq = client.post("/v1/chat/completions",
+                      json=chat_body(FOX, 16, stop=[stop], capture={**body, "positions": "sequence"})).json()
+    n = plain["usage"]["completion_tokens"]
+    assert n < 16 and seq["completion_token_ids"] == plain["completion_token_ids"]
+    assert seq["choices"][0] == plain["choices"][0]
+    p = seq["usage"]["prompt_tokens"]
+    whole = download(client, seq["activations_meta"]["model.layers[1]"])
+    assert whole.shape == (1, p + n, 256)
+    torch.testing.assert_close(whole[:, p - 1:p + n - 1], download(client, plain["activations_meta"]["model.layers[1]"]),
+                               rtol=1e-4, atol=1e-4)
