@@ -241,6 +241,18 @@ class Bench:
             return
         last = capture.get("tokens") == "last"
         tensor = self.server.fetch(data["activation_run_id"], "_logits", capture.get("format", "pt"))
+        positions = capture.get("positions", "generated")
+        if positions != "generated":
+            # [1, P, V] or [1, P+N, V]: the prompt's last position predicts token 0, P-1+i predicts token i.
+            p = data.get("usage", {}).get("prompt_tokens", 0)
+            length = p if positions == "prompt" else p + len(ids)
+            if tensor.shape[1] != length:
+                self.checks[name] = f"_logits has {tensor.shape[1]} positions, expected {length} ({positions})"
+                self.problem(f"check of {name}: {self.checks[name]}")
+                return
+            window = tensor[:, p - 1:] if positions == "prompt" else tensor[:, p - 1:p + len(ids) - 1]
+            self._check(name, window, ids[:1] if positions == "prompt" else ids, [1, window.shape[1], None])
+            return
         self._check(name, tensor, ids[-1:] if last else ids, [1, 1 if last else len(ids), None])
         if self.checks[name] == "ok" and len(names) > 1:  # a decoder layer: [1, N, hidden]
             layer = self.server.fetch(data["activation_run_id"], names[-1], capture.get("format", "pt"))

@@ -179,4 +179,8 @@ def capture_for(variant: str, num_layers: int) -> dict | None:
         return {"savepoints": [LOGITS, *layers], "format": "pt"}
     if variant == "server-logits-last":
         return {"savepoints": [LOGITS], "tokens": "last", "format": "pt"}
+    if variant == "server-prompt-logits":
+        return {"savepoints": [LOGITS], "positions": "prompt", "format": "pt"}
+    if variant == "server-sequence-logits":
+        return {"savepoints": [LOGITS], "positions": "sequence", "format": "pt"}
     raise ValueError(f"not a server variant: {variant!r}")

@@ -31,6 +31,11 @@ LATENCY_VARIANTS: list[Variant] = [
     Variant("server-logits-layers", "server",
             "reference server, all-token _logits plus every decoder layer's output (model.layers[i]), .pt"),
     Variant("server-logits-last", "server", "reference server, _logits with tokens: \"last\" (one step kept), .pt"),
+    Variant("server-prompt-logits", "server",
+            "reference server, _logits at every prompt position (positions: \"prompt\", [1, P, V]), .pt"),
+    Variant("server-sequence-logits", "server",
+            "reference server, _logits at every prompt and completion position (positions: \"sequence\", "
+            "[1, P+N, V]: one more forward step), .pt"),
 ]
 
 VARIANT_NAMES = [v.name for v in LATENCY_VARIANTS]
@@ -53,6 +58,10 @@ RATIOS: list[RatioSpec] = [
     RatioSpec("capture/no-capture (safetensors)", "server-logits-safetensors", "server-none", "the same, safetensors files"),
     RatioSpec("layers/no-capture", "server-logits-layers", "server-none", "_logits plus every decoder layer"),
     RatioSpec("last/no-capture", "server-logits-last", "server-none", "tokens: last"),
+    RatioSpec("prompt/generated", "server-prompt-logits", "server-logits-pt",
+              "prompt positions' _logits against the generated steps' (same request)"),
+    RatioSpec("sequence/generated", "server-sequence-logits", "server-logits-pt",
+              "whole-sequence _logits against the generated steps' (same request)"),
     RatioSpec("capture/plain generate", "server-logits-pt", "hf-generate", "a capture request against plain transformers"),
     RatioSpec("server no-capture/plain generate", "server-none", "hf-generate", "the server's own overhead (HTTP, chat template, JSON)"),
     RatioSpec("hooks/plain generate", "hf-hooks-logits", "hf-generate", "capture by hand with a forward hook"),

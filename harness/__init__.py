@@ -13,4 +13,6 @@ The pieces, one responsibility each:
 - ``report`` and ``cli``: the per-area table, the JSON report and ``capture-conformance``.
 """
 
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "1.1"
+# What /health may report: a 1.0 server stays conformant to 1.0 (1.1 features are reported as missing).
+PROTOCOL_VERSIONS = ("1", "1.1")

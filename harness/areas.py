@@ -29,6 +29,7 @@ AREAS: tuple[Area, ...] = (
     Area("bad_input", "a bad request is a 4xx naming the problem, and the server carries on"),
     Area("values", "captured values against an independent forward pass of the same checkpoint"),
     Area("streaming", "server-sent events, one chunk per token", required=False),
+    Area("positions", "protocol 1.1 prompt and whole-sequence capture (capture.positions)", required=False),
 )
 
 BY_NAME = {area.name: area for area in AREAS}
@@ -40,4 +41,4 @@ AREA_PROPERTY = "capture_conformance_area"
 
 # Optional protocol features (message_forms: list-of-parts content and the `developer` role). A target that lacks one is reported as lacking it (a skip naming it);
 # with --require-feature, and always for the bundled reference server, which has them all, it fails.
-FEATURES = ("streaming", "message_forms")
+FEATURES = ("streaming", "message_forms", "prompt", "sequence")

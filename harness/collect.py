@@ -5,11 +5,14 @@ optionally ``id``) is sent through chat with capture; the completion, the
 extracted answer, whether it is correct, and the activation files (downloaded
 into the output directory, or only their server paths with ``--no-download``)
 go into ``manifest.jsonl``, one line per problem, appended and flushed as each
-one finishes. ``--resume`` skips the ids already there, so an interrupted run
-picks up where it stopped without redoing work.
+one finishes. ``settings.json`` beside it records what the run asks for (model,
+savepoints, tokens, positions, dtype, format, template, temperature,
+max_tokens); ``--resume`` skips the ids already done, and refuses to continue a
+run made with other settings. Without ``--host``/``--url`` the bundled reference
+server is started for the run. ``harness.dataset.load_run(OUT)`` reads the result.
 
     capture-collect --input fixtures/gsm8k_sample.jsonl --out runs/gsm \\
-        --savepoints lm_head model.layers[0] [--host H --port P] [--resume]
+        --savepoints lm_head model.layers[0] [--positions prompt] [--host H --port P] [--resume]
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from pathlib import Path
 
 from .client import CaptureClient, ServerFault
 from .tensors import size_cap
+
+SETTINGS_FILE = "settings.json"
+# A request refused with one of these may succeed later; any other 4xx will be refused for every problem.
+RETRYABLE_4XX = (408, 409, 425, 429)
+
+
+class RequestRefused(Exception):
+    """The server refused a request as the client's mistake: every other problem would be refused the same way."""
 
 DEFAULT_TEMPLATE = "{question}\nSolve the problem step by step and end with '#### <answer>'."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -103,9 +114,14 @@ def parse_savepoints(values: list[str]) -> list:
 def collect_one(client: CaptureClient, problem: dict, args, files_dir: Path) -> dict:
     prompt = args.prompt_template.format(question=problem["question"])
     capture = {"tokens": args.tokens, "dtype": args.dtype, "format": args.format}
+    if args.positions != "generated":  # a 1.0 server refuses the field: only sent when asked for
+        capture["positions"] = args.positions
     if args.savepoints:
         capture["savepoints"] = parse_savepoints(args.savepoints)
-    body = client.chat(args.model, prompt, args.max_tokens, capture=capture).expect_status(200).json_object()
+    answer = client.chat(args.model, prompt, args.max_tokens, capture=capture, temperature=args.temperature)
+    if 400 <= answer.status < 500 and answer.status not in RETRYABLE_4XX:
+        raise RequestRefused(answer.describe())
+    body = answer.expect_status(200).json_object()
     completion = body["choices"][0]["message"]["content"]
     extracted = extract_answer(completion)
     gold = extract_answer(problem["answer"])
@@ -121,10 +137,13 @@ def collect_one(client: CaptureClient, problem: dict, args, files_dir: Path) -> 
             entry["file"] = str(local.relative_to(files_dir.parent))
         activations[name] = entry
     if args.download and args.delete_remote and body.get("activation_run_id"):
-        client.delete(f"/v1/activations/{body['activation_run_id']}")
+        client.delete(f"/v1/activations/{body['activation_run_id']}")  # every file is on disk by now
     return {
         "id": problem["id"],
+        "server": client.base_url,
+        "positions": args.positions,
         "prompt": prompt,
+        "prompt_token_ids": body.get("prompt_token_ids"),
         "completion": completion,
         "completion_token_ids": body.get("completion_token_ids"),
         "usage": body.get("usage"),
@@ -141,63 +160,188 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="problems, JSONL: question, answer[, id]")
     parser.add_argument("--out", type=Path, required=True, help="output directory (manifest.jsonl, files/)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", action="append", default=None, metavar="HOST[:PORT]",
+                        help="a capture server; repeat for several, each row records which one served it "
+                             "(default: none given starts the bundled reference server)")
     parser.add_argument("--port", type=int, default=8006)
-    parser.add_argument("--url", help="base URL; overrides --host/--port")
+    parser.add_argument("--url", action="append", default=None, help="base URL; repeatable; overrides --host/--port")
+    parser.add_argument("--concurrency", type=int, default=1, metavar="K",
+                        help="requests in flight per server (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY"))
     parser.add_argument("--model", default="tiny-qwen3", help="model id on the server (default: %(default)s)")
     parser.add_argument("--savepoints", nargs="*", default=None,
                         help="selectors or name=selector pairs (default: the server's default, _logits)")
-    parser.add_argument("--tokens", choices=["all", "first", "last"], default="all")
+    parser.add_argument("--tokens", choices=["all", "first", "last"], default="all",
+                        help="all, or the first or last of the positions asked for (default: %(default)s)")
+    parser.add_argument("--positions", choices=["generated", "prompt", "sequence"], default="generated",
+                        help="generated steps [1,N,D], prompt positions [1,P,D], or both [1,P+N,D] "
+                             "(protocol 1.1; default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s, greedy)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--format", choices=["pt", "safetensors"], default="safetensors")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="with {question} (default: %(default)r)")
     parser.add_argument("--limit", type=int, help="only the first N problems")
-    parser.add_argument("--resume", action="store_true", help="skip problems already in the manifest")
+    parser.add_argument("--resume", action="store_true", help="skip problems already in the manifest; refused when its settings.json differs from these options")
     parser.add_argument("--no-download", dest="download", action="store_false",
                         help="record the server's file paths instead of downloading the files")
-    parser.add_argument("--delete-remote", action="store_true", help="delete each run on the server once downloaded")
+    parser.add_argument("--delete-remote", action=argparse.BooleanOptionalAction, default=True,
+                        help="delete each run on the server once its files are downloaded (default: on)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     return parser
 
 
+def run_settings(args) -> dict:
+    """What decides the content of every row: a resumed run must ask for the same."""
+    return {"model": args.model, "savepoints": args.savepoints, "tokens": args.tokens, "positions": args.positions,
+            "dtype": args.dtype, "format": args.format, "prompt_template": args.prompt_template,
+            "temperature": args.temperature, "max_tokens": args.max_tokens}
+
+
+def settings_differences(recorded: dict, now: dict) -> list[str]:
+    return [f"{key}: {recorded.get(key)!r} in the run, {value!r} now" for key, value in now.items()
+            if recorded.get(key) != value]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.url is None and args.host is None and not args.download:
+        print("capture-collect: --no-download needs --host or --url: the bundled server's files go with it",
+              file=sys.stderr)
+        return 2
     problems = read_problems(args.input)[: args.limit]
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = args.out / "manifest.jsonl"
+    settings_path = args.out / SETTINGS_FILE
     done = done_ids(manifest)
     if done and not args.resume:
         print(f"capture-collect: {manifest} already holds {len(done)} problems; pass --resume to continue it "
               "or choose another --out", file=sys.stderr)
         return 2
-    url = args.url or f"http://{args.host}:{args.port}"
-    client = CaptureClient(url, api_key=args.api_key, timeout_s=args.timeout)
+    settings = run_settings(args)
+    if done:
+        if not settings_path.exists():
+            print(f"capture-collect: {manifest} has no {SETTINGS_FILE} (an older run): its settings cannot be "
+                  "checked, so it is not resumed; choose another --out", file=sys.stderr)
+            return 2
+        differences = settings_differences(json.loads(settings_path.read_text()), settings)
+        if differences:
+            print(f"capture-collect: --resume would mix settings in {args.out}: " + "; ".join(differences),
+                  file=sys.stderr)
+            return 2
+    server = None
+    if args.url is None and args.host is None:
+        from .server import ManagedServer, ServerStartError
+
+        server = ManagedServer.prepare(launch=None, model=args.model, api_key=args.api_key, startup_timeout_s=300.0)
+        print(f"capture-collect: no --host: starting the bundled reference server ({args.model})", file=sys.stderr)
+        server.start()
+        try:
+            server.wait_ready()
+        except ServerStartError as exc:
+            server.stop()
+            print(f"capture-collect: {exc}", file=sys.stderr)
+            return 2
+        urls = [server.base_url]
+    else:
+        urls = args.url or [h if ":" in h else f"{h}:{args.port}" for h in args.host]
+        urls = [u if u.startswith(("http://", "https://")) else f"http://{u}" for u in urls]
+    try:
+        return _collect(args, urls, problems, done, manifest, settings_path, settings)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: Path, settings_path: Path,
+             settings: dict) -> int:
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from .probe import probe_capture_server
+
+    if args.concurrency < 1:
+        print("capture-collect: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    for url in urls:
+        problem = probe_capture_server(url, args.api_key, wait_loading_s=60.0)
+        if problem:  # unreachable or not a capture server: one line, not one failure per problem
+            print(problem.replace("capture-conformance:", "capture-collect:", 1), file=sys.stderr)
+            return 2
+    if not settings_path.exists():
+        _write_atomically(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
+    clients = [CaptureClient(url, api_key=args.api_key, timeout_s=args.timeout) for url in urls]
+    renderer = _PromptText(args.model)
     todo = [p for p in problems if p["id"] not in done]
-    print(f"capture-collect: {len(problems)} problems, {len(problems) - len(todo)} done already, {len(todo)} to go",
+    print(f"capture-collect: {len(problems)} problems, {len(problems) - len(todo)} done already, {len(todo)} to go"
+          + (f", {len(urls)} servers x {args.concurrency} in flight" if len(urls) > 1 or args.concurrency > 1 else ""),
           file=sys.stderr)
     progress = _progress(len(todo))
     failures = 0
-    with manifest.open("a") as out:
-        for problem in todo:
-            try:
-                record = collect_one(client, problem, args, args.out / "files")
-            except ServerFault as exc:
-                failures += 1
-                print(f"\ncapture-collect: {problem['id']}: {exc}", file=sys.stderr)
+    refused: str | None = None
+    queue = list(reversed(todo))
+    slots = [client for client in clients for _ in range(args.concurrency)]
+    with manifest.open("a") as out, ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        running = {}
+        while queue or running:
+            while queue and slots and refused is None:
+                client, problem = slots.pop(), queue.pop()
+                future = pool.submit(collect_one, client, problem, args, args.out / "files")
+                running[future] = (client, problem)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                client, problem = running.pop(future)
+                slots.append(client)
+                try:
+                    record = future.result()
+                except RequestRefused as exc:
+                    if refused is None:
+                        refused = f"{problem['id']}: the server refused the request: {exc}"
+                    continue
+                except ServerFault as exc:
+                    failures += 1
+                    print(f"\ncapture-collect: {problem['id']}: {exc}", file=sys.stderr)
+                    progress.update(1)
+                    continue
+                record["prompt_text"] = renderer.text(record.get("prompt_token_ids"))
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())  # a line that is there survives an interruption
                 progress.update(1)
-                continue
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())  # a line that is there survives an interruption
-            progress.update(1)
     progress.close()
+    if refused is not None:
+        print(f"capture-collect: {refused}\n"
+              "capture-collect: every problem would be refused the same way: stopped; fix the options "
+              "(--savepoints, --positions, --model, ...) and rerun", file=sys.stderr)
+        return 2
     records = [json.loads(line) for line in manifest.open() if line.strip()]
     correct = sum(1 for r in records if r.get("correct"))
     print(f"accuracy: {correct}/{len(records)} = {100 * correct / max(1, len(records)):.1f}%"
           + (f" ({failures} failed, rerun with --resume)" if failures else ""))
     return 1 if failures else 0
+
+
+class _PromptText:
+    """The chat-rendered prompt as text, from its ids, with the model's tokenizer when it is available locally."""
+
+    def __init__(self, model: str):
+        self._model = model
+        self._tokenizer = None
+        self._tried = False
+
+    def text(self, ids: list[int] | None) -> str | None:
+        if not ids:
+            return None
+        if not self._tried:
+            self._tried = True
+            from .ground_truth import resolve_ground_truth
+
+            try:
+                self._tokenizer = resolve_ground_truth(self._model).tokenizer
+            except Exception:  # no local copy, no transformers: the ids are still recorded
+                self._tokenizer = None
+        return None if self._tokenizer is None else self._tokenizer.decode(ids)
 
 
 def _progress(total: int):

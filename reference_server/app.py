@@ -30,7 +30,7 @@ from .settings import Settings
 from .storage import RunStore
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "1.1"
 
 
 class Readiness:

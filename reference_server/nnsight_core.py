@@ -12,9 +12,10 @@ traces on one model at once fail): callers serialise calls per model, see
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,7 @@ os.environ.setdefault("NNSIGHT_CONFIG", str(Path(__file__).with_name("nnsight_co
 import nnsight  # noqa: E402
 import torch  # noqa: E402
 from nnsight import TransformersModel  # noqa: E402
+from transformers import StoppingCriteria, StopStringCriteria  # noqa: E402
 
 from .errors import Unprocessable  # noqa: E402
 from .selectors import Selector  # noqa: E402
@@ -64,6 +66,9 @@ class SavepointSite:
     io: str
     rank: int
     feature_shape: tuple[int, ...]  # the value's shape after [batch, position]
+    # Computed for the last position only while generating (transformers 5 slices the hidden
+    # states before lm_head: logits_to_keep=1): prompt positions need logits_to_keep=0.
+    last_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class GenerationRequest:
     tokens: str = "all"
     capture_dtype: torch.dtype = torch.float32
     on_token: Callable[[int], None] | None = None  # called from the worker thread per generated token
+    positions: str = "generated"  # "generated", "prompt" or "sequence" (protocol 1.1)
 
     def batch_key(self):
         """Requests with equal keys may share one generate; None: run alone.
@@ -97,10 +103,21 @@ class GenerationRequest:
         Only greedy requests without stop strings are batched: one generate has one
         sampling configuration and one RNG (a seeded request must not depend on its
         neighbours), and stop strings would end other rows. max_tokens may differ.
+        ``sequence`` requests stop one step late and prompt logits need every position's
+        logits: both change the generate call, so they batch only with their own kind.
         """
         if self.params.temperature > 0 or self.params.stop or self.on_token is not None:
             return None
-        return ("greedy",)
+        return ("greedy", self.positions == "sequence", self.needs_all_logits())
+
+    def needs_all_logits(self) -> bool:
+        """Whether a last-only site (lm_head) must be computed at every prompt position.
+
+        Not for ``tokens: "last"``: the prompt's last position is step 0's, the sequence's
+        last is the extra step's, both computed anyway.
+        """
+        return (self.positions != "generated" and self.tokens != "last"
+                and any(sp.site.last_only for sp in self.savepoints))
 
 
 @dataclass
@@ -111,21 +128,66 @@ class Generation:
 
 
 class _TokenStreamer:
-    """transformers' streamer protocol: ``put`` gets the prompt first, then each step's token."""
+    """transformers' streamer protocol: ``put`` gets the prompt first, then each step's token.
 
-    def __init__(self, on_token: Callable[[int], None]):
+    With a one-step-late stop, the token of the extra step is not part of the completion:
+    the criterion has recorded the real length before that token is put, and it is dropped.
+    """
+
+    def __init__(self, on_token: Callable[[int], None], late_stop: "_StopOneStepLate | None" = None):
         self._on_token = on_token
+        self._late_stop = late_stop
         self._prompt_seen = False
+        self._count = 0
 
     def put(self, value) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
         for token in value.reshape(-1).tolist():
+            ended = self._late_stop.ended_at[0] if self._late_stop is not None else None
+            if ended is not None and self._count >= ended:
+                return
+            self._count += 1
             self._on_token(int(token))
 
     def end(self) -> None:
         pass
+
+
+class _StopOneStepLate(StoppingCriteria):
+    """Every stop condition of a generation (max_tokens per row, EOS, stop strings), one step late.
+
+    ``sequence`` capture needs the module values with the last completion token as
+    input, and generation never feeds that token. Reporting "done" one step after the
+    real end makes generate run exactly one more forward step, over that token, with
+    the KV cache (transformers itself defers its stop check the same way on some
+    devices). ``ended_at[row]`` is the row's real number of generated tokens; what the
+    extra step generates is dropped. ``eos_token_id`` marks this as an EOS criterion
+    for generate, so rows that are done are padded while others go on.
+    """
+
+    def __init__(self, prompt_width: int, limits: list[int], eos_ids: set[int], stop_strings=None, tokenizer=None):
+        self.eos_token_id = sorted(eos_ids)
+        self._eos = torch.tensor(self.eos_token_id, dtype=torch.long)
+        self._prompt_width = prompt_width
+        self._limits = torch.tensor(limits, dtype=torch.long)
+        self._strings = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
+        self.ended_at: list[int | None] = [None] * len(limits)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        length = input_ids.shape[1] - self._prompt_width
+        ends = self._limits.to(input_ids.device) <= length
+        if len(self._eos):
+            ends |= torch.isin(input_ids[:, -1], self._eos.to(input_ids.device))
+        if self._strings is not None:
+            ends |= self._strings(input_ids, scores)
+        done = []
+        for row, end in enumerate(ends.tolist()):
+            done.append(self.ended_at[row] is not None)
+            if end and self.ended_at[row] is None:
+                self.ended_at[row] = length
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -204,19 +266,34 @@ class CaptureModel:
         probe uses a sequence length no other dimension is likely to share.
         """
         probe_len = 7
+        full = self._probe_shapes(probe_len)
         sites: dict[tuple[str, str], SavepointSite] = {}
-        names = {module: name for name, module in self._module.named_modules()}
+        for key, shape in full.items():
+            if len(shape) >= 2 and shape[:2] == (1, probe_len):
+                sites[key] = SavepointSite(key[0], key[1], len(sites), tuple(shape[2:]))
+        sites.pop(("", "input"), None)  # the root takes ids, not activations
+        sites.pop(("", "output"), None)
+        if "logits_to_keep" in inspect.signature(self._module.forward).parameters:
+            # generate passes logits_to_keep=1: find the sites that then hold the last position only.
+            kept = self._probe_shapes(probe_len, logits_to_keep=1)
+            for key, site in sites.items():
+                if key in kept and kept[key][1:2] != (probe_len,):
+                    sites[key] = replace(site, last_only=True)
+        return sites
+
+    def _probe_shapes(self, probe_len: int, **forward_kwargs) -> dict[tuple[str, str], tuple[int, ...]]:
+        """(module path, "input"/"output") -> the value's shape, in execution order, from one hooked forward."""
+        shapes: dict[tuple[str, str], tuple[int, ...]] = {}
         handles = []
 
         def record(name: str, io: str, value) -> None:
-            if (name, io) in sites:
+            if (name, io) in shapes:
                 return  # a module run twice per forward keeps its first position
             value = _first_tensor(value)
-            if not torch.is_tensor(value) or value.dim() < 2 or value.shape[:2] != (1, probe_len):
-                return
-            sites[(name, io)] = SavepointSite(name, io, len(sites), tuple(value.shape[2:]))
+            if torch.is_tensor(value):
+                shapes[(name, io)] = tuple(value.shape)
 
-        for module, name in names.items():
+        for name, module in self._module.named_modules():
             handles.append(
                 module.register_forward_pre_hook(
                     lambda mod, args, kwargs, n=name: record(n, "input", args[0] if args else None),
@@ -227,13 +304,11 @@ class CaptureModel:
         try:
             ids = torch.zeros((1, probe_len), dtype=torch.long, device=self.device)
             with torch.inference_mode():
-                self._module(input_ids=ids)
+                self._module(input_ids=ids, **forward_kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-        sites.pop(("", "input"), None)  # the root takes ids, not activations
-        sites.pop(("", "output"), None)
-        return sites
+        return shapes
 
     def site(self, selector: Selector) -> SavepointSite:
         found = self.sites.get((selector.module_path, selector.io))
@@ -286,50 +361,21 @@ class CaptureModel:
         tokens: str = "all",
         capture_dtype: torch.dtype = torch.float32,
         on_token: Callable[[int], None] | None = None,
+        positions: str = "generated",
     ) -> Generation:
-        """Generate from ``prompt_ids``, capturing each savepoint at every step's last position."""
+        """Generate from ``prompt_ids``, capturing each savepoint at the asked ``positions``."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        kwargs = self._generate_kwargs(params)
-        if on_token is not None:
-            kwargs["streamer"] = _TokenStreamer(on_token)
         if not savepoints:
+            input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+            kwargs = self._generate_kwargs(params)
+            if on_token is not None:
+                kwargs["streamer"] = _TokenStreamer(on_token)
             with torch.inference_mode():
                 out = self._module.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
             return self._finish(out[0, len(prompt_ids):].tolist(), {})
-        ordered = sorted(savepoints, key=lambda sp: sp.site.rank)
-        sites = [(self._envoy(sp.site.module_path), sp.site.io) for sp in ordered]
-        steps = params.max_new_tokens
-        with warnings.catch_warnings():
-            # An open step loop ends when the model stops early (EOS, stop string);
-            # nnsight warns that the remaining steps were "never reached". Expected here.
-            warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with self._nn.generate(**kwargs) as tracer:
-                captured = nnsight.save([[] for _ in ordered])
-                with tracer.invoke(input_ids):
-                    for _step in tracer.iter[:steps]:
-                        for slot, (envoy, io) in enumerate(sites):
-                            value = _first_tensor(envoy.output if io == "output" else envoy.input)
-                            # Clone: a slice is a view that would keep the whole step tensor alive.
-                            per_token = value[:, -1].detach().to(capture_dtype, copy=True)
-                            if tokens == "all" or not captured[slot]:
-                                captured[slot].append(per_token)
-                            elif tokens == "last":
-                                captured[slot][0] = per_token
-                # A second, empty invoke still runs when the loop above ended early.
-                with tracer.invoke():
-                    result = nnsight.save(tracer.result)
-        new_ids = result[0, len(prompt_ids):].tolist()
-        tensors = {}
-        for sp, steps_captured in zip(ordered, captured):
-            expected = len(new_ids) if tokens == "all" else 1
-            if len(steps_captured) != expected:
-                raise RuntimeError(
-                    f"captured {len(steps_captured)} steps of {sp.name!r} for {len(new_ids)} generated tokens"
-                )
-            tensors[sp.name] = _to_host(torch.stack(steps_captured, dim=1))
-        return self._finish(new_ids, tensors)
+        request = GenerationRequest(prompt_ids, params, savepoints, tokens, capture_dtype, on_token, positions)
+        return self._traced([request])[0]
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Serve several compatible requests (same ``batch_key``) with one generate.
@@ -341,41 +387,112 @@ class CaptureModel:
         """
         if len(requests) == 1:
             r = requests[0]
-            return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token)]
-        from dataclasses import replace
+            return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token,
+                                  r.positions)]
+        return self._traced(requests)
 
-        steps = max(r.params.max_new_tokens for r in requests)
+    def _traced(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """One nnsight generate for one request, or for a batch of compatible ones (one invoke each).
+
+        Positions (all inside this one trace):
+        - ``generated``: the last position of steps 0..N-1;
+        - ``prompt``: every prompt position of step 0 (the prefill pass holds them all);
+        - ``sequence``: step 0's prompt positions, then the last position of steps 1..N.
+          Step N feeds the last completion token, which generation never does on its
+          own: its stop conditions are applied one step late (``_StopOneStepLate``), so
+          it costs one more forward step, and the token that step produces is dropped.
+        With transformers 5, ``lm_head`` (and anything after the slice in the model's
+        forward) sees the last position only (``logits_to_keep=1``); prompt positions of
+        such a site need ``logits_to_keep=0``, asked for only when one is captured.
+        """
+        solo = len(requests) == 1
+        first = requests[0]
+        late = first.positions == "sequence"  # batch_key keeps sequence and other requests apart
+        width = max(len(r.prompt_ids) for r in requests)
+        limits = [r.params.max_new_tokens for r in requests]
+        kwargs = self._generate_kwargs(replace(first.params, max_new_tokens=max(limits)))
+        stopper = None
+        if late:
+            stopper = _StopOneStepLate(width, limits, self.eos_token_ids, kwargs.pop("stop_strings", None),
+                                       kwargs.pop("tokenizer", None))
+            # The criterion above owns every stop condition; generate's own must never fire first.
+            kwargs.update(max_new_tokens=max(limits) + 1, eos_token_id=[], stopping_criteria=[stopper])
+        if first.on_token is not None:
+            kwargs["streamer"] = _TokenStreamer(first.on_token, stopper)
+        if any(r.needs_all_logits() for r in requests):
+            kwargs["logits_to_keep"] = 0
         plans = [sorted(r.savepoints, key=lambda sp: sp.site.rank) for r in requests]
         sites = [[(self._envoy(sp.site.module_path), sp.site.io) for sp in plan] for plan in plans]
         inputs = [torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device) for r in requests]
-        limits = [r.params.max_new_tokens for r in requests]
         with warnings.catch_warnings():
+            # An open step loop ends when the model stops early (EOS, stop string);
+            # nnsight warns that the remaining steps were "never reached". Expected here.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with self._nn.generate(**self._generate_kwargs(replace(requests[0].params, max_new_tokens=steps))) as tracer:
+            with self._nn.generate(**kwargs) as tracer:
                 captured = nnsight.save([[[] for _ in plan] for plan in plans])
-                for row, (input_ids, row_sites, limit) in enumerate(zip(inputs, sites, limits)):
+                for row, (input_ids, row_sites, request) in enumerate(zip(inputs, sites, requests)):
+                    steps = request.params.max_new_tokens + (1 if late else 0)
+                    prompt_len = len(request.prompt_ids)
+                    keep_prompt = request.positions != "generated"
                     with tracer.invoke(input_ids):
-                        for _step in tracer.iter[:limit]:
+                        for _step in tracer.iter[:steps]:
                             for slot, (envoy, io) in enumerate(row_sites):
+                                entries = captured[row][slot]
+                                if entries and request.positions == "prompt":
+                                    continue  # the prompt is all in step 0
+                                if solo and entries and request.tokens == "first":
+                                    continue
                                 value = _first_tensor(envoy.output if io == "output" else envoy.input)
-                                captured[row][slot].append(value[:, -1].detach().to(requests[row].capture_dtype, copy=True))
+                                if keep_prompt and not entries:
+                                    # Left padding in a batch: this row's prompt is the rightmost prompt_len positions.
+                                    chunk = value[:, value.shape[1] - prompt_len:]
+                                else:
+                                    chunk = value[:, -1:]
+                                # Clone: a slice is a view that would keep the whole step tensor alive.
+                                chunk = chunk.detach().to(request.capture_dtype, copy=True)
+                                if solo and entries and request.tokens == "last":
+                                    entries[-1] = chunk  # bounded memory: only the newest step is kept
+                                else:
+                                    entries.append(chunk)
+                # A second, empty invoke still runs when the loops above ended early.
                 with tracer.invoke():
                     result = nnsight.save(tracer.result)
-        prompt_width = max(len(r.prompt_ids) for r in requests)
         generations = []
         for row, request in enumerate(requests):
-            new_ids = result[row, prompt_width:][: request.params.max_new_tokens].tolist()
-            end = next((i + 1 for i, t in enumerate(new_ids) if t in self.eos_token_ids), len(new_ids))
-            new_ids = new_ids[:end]  # after its EOS a row only holds padding
-            tensors = {}
-            for sp, steps_captured in zip(plans[row], captured[row]):
-                if len(steps_captured) < len(new_ids):
-                    raise RuntimeError(f"captured {len(steps_captured)} steps of {sp.name!r} for {len(new_ids)} tokens")
-                chosen = {"all": steps_captured[: len(new_ids)], "first": steps_captured[:1],
-                          "last": steps_captured[len(new_ids) - 1 : len(new_ids)]}[request.tokens]
-                tensors[sp.name] = _to_host(torch.stack(chosen, dim=1))
+            if late:
+                ended = stopper.ended_at[row]
+                new_ids = result[row, width:width + (ended if ended is not None else limits[row])].tolist()
+            else:
+                new_ids = result[row, width:][: request.params.max_new_tokens].tolist()
+                end = next((i + 1 for i, t in enumerate(new_ids) if t in self.eos_token_ids), len(new_ids))
+                new_ids = new_ids[:end]  # after its EOS a row only holds padding
+            tensors = {sp.name: _to_host(self._select(sp, entries, request, len(new_ids), solo))
+                       for sp, entries in zip(plans[row], captured[row])}
             generations.append(self._finish(new_ids, tensors))
         return generations
+
+    @staticmethod
+    def _select(sp: PlannedSavepoint, entries: list, request: GenerationRequest, n: int, solo: bool) -> torch.Tensor:
+        """The captured chunks of one savepoint cut to the request's positions and tokens: ``[1, T, ...]``."""
+        prompt_len = len(request.prompt_ids)
+        if request.tokens == "last":
+            if solo and request.positions != "prompt":
+                return entries[-1][:, -1:].clone()  # only the newest step was kept, and it is the last one
+            # The last position is that of one step: step 0 (prompt), N-1 (generated), N (sequence).
+            step = {"prompt": 0, "generated": n - 1, "sequence": n}[request.positions]
+            if len(entries) <= step:
+                raise RuntimeError(f"captured {len(entries)} steps of {sp.name!r}, the last position is step {step}")
+            return entries[step][:, -1:].clone()
+        whole = torch.cat(entries, dim=1) if len(entries) > 1 else entries[0]
+        want = {"generated": n, "prompt": prompt_len, "sequence": prompt_len + n}[request.positions]
+        if request.tokens == "first":
+            want = 1
+        if whole.shape[1] < want:
+            raise RuntimeError(f"captured {whole.shape[1]} positions of {sp.name!r} for {want} "
+                               f"({request.positions}, {n} generated tokens)")
+        chosen = whole[:, :want]
+        # A slice is a view: saved as is, it would write the whole capture's storage.
+        return chosen.clone() if chosen.untyped_storage().nbytes() > chosen.nbytes else chosen
 
     def _finish(self, new_ids: list[int], tensors: dict[str, torch.Tensor]) -> Generation:
         hit_eos = bool(new_ids) and new_ids[-1] in self.eos_token_ids

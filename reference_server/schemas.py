@@ -62,6 +62,7 @@ class CaptureOptions(BaseModel):
     tokens: Literal["all", "first", "last"] = "all"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     format: Literal["pt", "safetensors"] = "pt"
+    positions: Literal["generated", "prompt", "sequence"] = "generated"  # protocol 1.1
 
 
 class StreamOptions(BaseModel):

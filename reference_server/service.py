@@ -25,6 +25,15 @@ from .settings import Settings
 from .storage import RunStore
 
 DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}]
+# Optional protocol features this server supports (/v1/models capture.features, protocol 1.1).
+FEATURES = ["prompt", "sequence", "streaming", "safetensors", "bfloat16", "float16"]
+
+
+def _positions_note(positions: str, prompt_len: int, max_tokens: int, tokens: str) -> str:
+    if tokens != "all" or positions == "generated":
+        return ""
+    counted = f"P={prompt_len}" if positions == "prompt" else f"P+N={prompt_len}+{max_tokens}"
+    return f" for {counted} positions ({positions})"
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,12 @@ class CaptureService:
             raise Unprocessable("stop takes at most 4 non-empty strings")
         capture = req.capture
         wants_capture = req.store_activations or capture is not None
-        options = capture.model_dump() if capture else {"savepoints": None, "tokens": "all", "dtype": "float32", "format": "pt"}
+        options = capture.model_dump() if capture else {"savepoints": None, "tokens": "all", "dtype": "float32", "format": "pt",
+                                                        "positions": "generated"}
         plan = self._plan(model, options["savepoints"]) if wants_capture else []
-        capture_bytes = self._check_capture_size(plan, max_tokens, options)
         prompt_ids = self._render_prompt(model, [m.model_dump() for m in req.messages])
+        # After rendering: prompt and sequence captures grow with the prompt's length.
+        capture_bytes = self._check_capture_size(plan, max_tokens, options, len(prompt_ids))
 
         from .nnsight_core import GenerationParams
 
@@ -202,18 +213,27 @@ class CaptureService:
         # The ids the model was fed (protocol 1.1): a client can recompute the values from them.
         return {**fields, "prompt_token_ids": prepared.prompt_ids}
 
-    def _check_capture_size(self, plan, max_tokens: int, options: dict) -> int:
-        """Refuse, before generating, a request whose capture could exceed --max-capture-mb; its worst-case bytes."""
+    def _check_capture_size(self, plan, max_tokens: int, options: dict, prompt_len: int = 0) -> int:
+        """Refuse, before generating, a request whose capture could exceed --max-capture-mb; its worst-case bytes.
+
+        Counts every position kept: N for generated, P for prompt, P+N for sequence.
+        """
         from .nnsight_core import DTYPES
 
-        steps = max_tokens if options["tokens"] == "all" else 1
+        positions = options.get("positions", "generated")
+        kept = {"generated": max_tokens, "prompt": prompt_len, "sequence": prompt_len + max_tokens}[positions]
+        steps = kept if options["tokens"] == "all" else 1
         itemsize = DTYPES[options["dtype"]].itemsize
-        total = sum(steps * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
+        # tokens "first" of prompt positions still has lm_head computed at every prompt position first.
+        first_of_prompt = options["tokens"] == "first" and positions != "generated"
+        total = sum((prompt_len if first_of_prompt and sp.site.last_only else steps)
+                    * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
         limit = self.settings.max_capture_mb
         if total > limit * 2**20:
             raise Unprocessable(
                 f"this capture could write {total / 2**20:.1f} MiB, over the limit of {limit:g} MiB "
-                "(--max-capture-mb); ask for fewer tokens, savepoints or a smaller dtype"
+                f"(--max-capture-mb){_positions_note(positions, prompt_len, max_tokens, options['tokens'])}; "
+                "ask for fewer tokens, savepoints or a smaller dtype"
             )
         return total
 
@@ -226,7 +246,8 @@ class CaptureService:
         from .nnsight_core import DTYPES, GenerationRequest
 
         return await worker.generate(
-            GenerationRequest(prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]], on_token)
+            GenerationRequest(prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]], on_token,
+                              options.get("positions", "generated"))
         )
 
     def _store(self, generation, plan, options) -> dict:
@@ -247,6 +268,7 @@ class CaptureService:
                 "selector": by_name[name].selector.text,
                 "tokens": options["tokens"],
                 "format": options["format"],
+                "positions": options.get("positions", "generated"),
             }
             for name, f in stored.items()
         }
@@ -294,6 +316,7 @@ class CaptureService:
                         "num_layers": info.num_layers,
                         "dtype": info.dtype,
                         "savepoints": model.savepoint_catalogue(),
+                        "features": FEATURES,
                     },
                 }
             )

@@ -556,6 +556,80 @@ def _capture_changes_generation(t: Target) -> None:
     CaptureModel.generate = generate  # process-wide: a faulty server runs one fault only
 
 
+# -- issue 13 --------------------------------------------------------------------------------
+# Prompt and whole-sequence capture (protocol 1.1 ``capture.positions``), caught by the positions area.
+
+
+def _wrap_positions(target: Target, kind: tuple[str, ...], change: Callable) -> None:
+    """Edit each tensor of a request whose positions are in ``kind``: change(tensor, prompt_len) -> tensor."""
+
+    def edit(generation, plan, options):
+        if options.get("positions", "generated") in kind:
+            for name, tensor in list(generation.tensors.items()):
+                generation.tensors[name] = change(tensor, generation.prompt_len)
+
+    original = target.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
+        generation = await original(worker, prompt_ids, params, plan, options, **kw)
+        generation.prompt_len = len(prompt_ids)
+        edit(generation, plan, options)
+        return generation
+
+    target.service._generate = generate
+
+
+@fault("prompt_off_by_one", "positions",
+       "prompt positions taken one to the left: position j holds j-1 (the first duplicated), in prompt and sequence")
+def _prompt_off_by_one(t: Target) -> None:
+    def shift(tensor, p):
+        if tensor.shape[1] < p:
+            return tensor  # tokens first/last: one position, nothing to shift
+        return torch.cat([tensor[:, :1], tensor[:, : p - 1], tensor[:, p:]], dim=1)
+
+    _wrap_positions(t, ("prompt", "sequence"), shift)
+
+
+@fault("sequence_without_last_token", "positions",
+       "`sequence` ends at the last token generation fed: [1, P+N-1, D], the last completion token missing")
+def _sequence_short(t: Target) -> None:
+    _wrap_positions(t, ("sequence",), lambda tensor, p: tensor[:, :-1].clone() if tensor.shape[1] > 1 else tensor)
+
+
+@fault("prompt_capture_without_template", "positions",
+       "prompt positions captured in a second pass over the raw message text, without the chat template")
+def _prompt_without_template(t: Target) -> None:
+    import contextvars
+    from dataclasses import replace
+
+    from reference_server import chat
+
+    raw_text = contextvars.ContextVar("raw_text", default=None)
+    prepare = t.service.prepare_chat
+
+    def prepare_chat(req):
+        raw_text.set("\n".join(m.content for m in req.messages))  # seen by _generate: same task, same context
+        return prepare(req)
+
+    original = t.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
+        generation = await original(worker, prompt_ids, params, plan, options, **kw)
+        positions = options.get("positions", "generated")
+        if positions == "generated" or raw_text.get() is None:
+            return generation
+        raw_ids = chat.encode_raw(worker.model.tokenizer, raw_text.get())
+        raw = await original(worker, raw_ids, replace(params, max_new_tokens=1), plan, {**options, "positions": "prompt"})
+        p = len(prompt_ids)
+        for name, tensor in generation.tensors.items():
+            head = raw.tensors[name] if tensor.shape[1] > 1 else tensor
+            generation.tensors[name] = head if positions == "prompt" else torch.cat([head, tensor[:, p:]], dim=1)
+        return generation
+
+    t.service.prepare_chat = prepare_chat
+    t.service._generate = generate
+
+
 # -- issue 14 --
 
 

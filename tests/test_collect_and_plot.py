@@ -92,7 +92,7 @@ def test_collect_can_record_server_paths_only(server, tmp_path):
 
 def test_plot_writes_a_png_of_a_collected_problem_and_of_a_server_run(server, tmp_path):
     out = tmp_path / "gsm"
-    assert collect(server, out, "--limit", "1").returncode == 0
+    assert collect(server, out, "--limit", "1", "--no-delete-remote").returncode == 0
     record = json.loads((out / "manifest.jsonl").read_text())
     for run_dir in (out / "files" / record["id"], server.storage / record["activation_run_id"]):
         png = tmp_path / f"{run_dir.name}.png"

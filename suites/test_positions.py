@@ -1,0 +1,175 @@
+"""Area positions (protocol 1.1, optional): prompt and whole-sequence capture (``capture.positions``).
+
+``"prompt"`` is ``[1, P, D]`` over the prompt, ``"sequence"`` is ``[1, P+N, D]`` over
+prompt and completion, the last completion token included; both agree with the
+``"generated"`` capture where they overlap. A server without the feature (it says
+so in ``/v1/models`` ``capture.features``, or its answer shows it) is reported as
+"no prompt capture", not failed; the bundled reference server has it, so there
+the same finding is a failure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import prompts
+from harness.checks import expect_argmax_matches, expect_close, expect_token_counts, rounding_tolerance, symbolic
+from harness.client import ServerFault
+from harness.responses import Completion, field
+from harness.tensors import LoadedTensor
+
+pytestmark = pytest.mark.area("positions")
+
+STEPS = 5
+LAYER = "model.layers[0]"
+SAVEPOINTS = ["lm_head", LAYER]
+FEATURE = {"prompt": "prompt", "sequence": "sequence"}
+
+
+def _lacking(capture_options, feature: str, message: str) -> None:
+    message = f"no prompt capture: {message}"
+    if capture_options.requires(feature):
+        pytest.fail(message + f" (required: --require-feature {feature}, or the bundled server)")
+    pytest.skip(message)
+
+
+def _advertised_features(capture_client, capture_model) -> list | None:
+    try:
+        entries = capture_client.models().ok_json().get("data") or []
+    except ServerFault:
+        return None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == capture_model and isinstance(entry.get("capture"), dict):
+            features = entry["capture"].get("features")
+            return features if isinstance(features, list) else None
+    return None
+
+
+class Positions:
+    """Greedy captures of one prompt at each position kind, asked once per session and shared."""
+
+    def __init__(self, capture_runs, capture_client, capture_options, capture_model):
+        self.runs = capture_runs
+        self.client = capture_client
+        self.options = capture_options
+        self.features = _advertised_features(capture_client, capture_model)
+
+    def completion(self, positions: str, *, savepoints=SAVEPOINTS, steps: int = STEPS, tokens: str | None = None,
+                   prompt: str = prompts.STORY) -> Completion:
+        if positions != "generated" and self.features is not None and FEATURE[positions] not in self.features:
+            _lacking(self.options, FEATURE[positions], f"/v1/models capture.features is {self.features}, without {positions!r}")
+        capture = {"savepoints": savepoints, **({"positions": positions} if positions != "generated" else {}),
+                   **({"tokens": tokens} if tokens else {})}
+        body = self.runs.request_body(prompt, steps, capture=capture)
+        answer = self.client.post("/v1/chat/completions", body) if positions != "generated" else None
+        if answer is not None and answer.status != 200:
+            if 400 <= answer.status < 500:
+                _lacking(self.options, FEATURE[positions], f"asked with capture.positions={positions!r}, {answer.describe()}")
+            answer.ok_json()  # a 5xx is a defect: fails with what the server said
+        completion = (Completion(answer.ok_json(), body) if answer is not None
+                      else self.runs.chat(prompt, steps, capture=capture))
+        if positions != "generated":
+            meta = completion.meta
+            if meta and not any("positions" in m.raw for m in meta.values()):
+                shapes = {name: m.raw.get("shape") for name, m in meta.items()}
+                _lacking(self.options, FEATURE[positions], f"asked with capture.positions={positions!r}, the answer's activations_meta "
+                                      f"has no 'positions' (shapes {shapes}): the option was ignored")
+        return completion
+
+    def tensor(self, completion: Completion, name: str) -> LoadedTensor:
+        return self.runs.tensor(completion, name)
+
+
+@pytest.fixture(scope="module")
+def positions(capture_runs, capture_client, capture_options, capture_model) -> Positions:
+    return Positions(capture_runs, capture_client, capture_options, capture_model)
+
+
+def prompt_len(completion: Completion, ground_truth) -> int:
+    """P from ``usage.prompt_tokens``, checked against ``prompt_token_ids`` and the harness's own rendering."""
+    p = completion.usage.prompt_tokens
+    ids = field(completion.body, "prompt_token_ids", list)
+    assert len(ids) == p, f"usage.prompt_tokens is {p} but prompt_token_ids has {len(ids)} ids"
+    rendered = ground_truth.prompt_ids(completion.request["messages"])
+    if rendered is not None:
+        assert ids == rendered, (
+            f"prompt_token_ids ({len(ids)} ids) are not the chat-template rendering of the prompt "
+            f"({len(rendered)} ids): {ids[:12]}... vs {rendered[:12]}...")
+    return p
+
+
+def _width(ground_truth, name: str) -> int:
+    return ground_truth.vocab_size if name == "lm_head" else ground_truth.hidden_size
+
+
+@pytest.mark.parametrize("kind", ["prompt", "sequence"])
+def test_shapes_count_the_prompt_positions(positions, ground_truth, kind):
+    completion = positions.completion(kind)
+    n = expect_token_counts(completion, expected_steps=STEPS)
+    p = prompt_len(completion, ground_truth)
+    length = p if kind == "prompt" else p + n
+    for name in SAVEPOINTS:
+        meta = completion.savepoint(name)
+        expected = [1, length, _width(ground_truth, name)]
+        hint = ""
+        if kind == "sequence" and meta.shape[1:2] == [p + n - 1]:
+            hint = " (one short: the last completion token, which generation never feeds, is missing)"
+        assert meta.shape == expected, (
+            f"positions={kind!r}: `{name}` is {meta.shape} = {symbolic(meta.shape, ground_truth)}, expected "
+            f"{expected} = {symbolic(expected, ground_truth)} with P={p} (usage.prompt_tokens) and N={n}{hint}")
+        assert meta.raw.get("positions") == kind, f"`{name}` metadata says positions={meta.raw.get('positions')!r}"
+        tensor = positions.tensor(completion, name)
+        assert list(tensor.shape) == expected, f"`{name}`: the stored tensor is {list(tensor.shape)}, metadata {expected}"
+
+
+def test_the_prompts_last_position_is_generated_step_0(positions, ground_truth):
+    prompt = positions.completion("prompt")
+    generated = positions.completion("generated")
+    assert prompt.token_ids == generated.token_ids, "the same greedy request generated other ids with positions=prompt"
+    p = prompt_len(prompt, ground_truth)
+    rtol, atol = rounding_tolerance("float32")
+    for name in SAVEPOINTS:
+        whole = positions.tensor(prompt, name).values
+        assert whole.shape[1] == p, f"`{name}` has {whole.shape[1]} prompt positions, P={p}"
+        step0 = positions.tensor(generated, name).values[:, :1]
+        if not np.allclose(whole[:, p - 1:p], step0, rtol=rtol, atol=atol) and p > 1 and np.allclose(
+                whole[:, p - 2:p - 1], step0, rtol=rtol, atol=atol):
+            raise AssertionError(f"`{name}`: prompt position P-2 holds generated step 0: the prompt capture is "
+                                 f"shifted by one position (position j holds j+1)")
+        expect_close(whole[:, p - 1:p], step0, what=f"`{name}` prompt position P-1={p - 1} vs generated step 0",
+                     rtol=rtol, atol=atol)
+
+
+def test_sequence_positions_p_minus_1_on_are_the_generated_steps(positions, ground_truth):
+    sequence = positions.completion("sequence")
+    generated = positions.completion("generated")
+    assert sequence.token_ids == generated.token_ids, "the same greedy request generated other ids with positions=sequence"
+    p, n = prompt_len(sequence, ground_truth), len(sequence.token_ids)
+    rtol, atol = rounding_tolerance("float32")
+    for name in SAVEPOINTS:
+        whole = positions.tensor(sequence, name).values
+        assert whole.shape[1] >= p + n - 1, f"`{name}` has {whole.shape[1]} positions for P={p}, N={n}"
+        steps = positions.tensor(generated, name).values
+        expect_close(whole[:, p - 1:p + n - 1], steps, what=f"`{name}` sequence positions {p - 1}..{p + n - 2} vs "
+                     f"generated steps 0..{n - 1}", rtol=rtol, atol=atol)
+
+
+def test_greedy_sequence_logits_argmax_to_the_completion(positions, ground_truth):
+    sequence = positions.completion("sequence")
+    p, n = prompt_len(sequence, ground_truth), len(sequence.token_ids)
+    logits = positions.tensor(sequence, "lm_head")
+    values = logits.values[:, p - 1:p + n - 1]
+    window = LoadedTensor(logits.dtype, tuple(values.shape), values)
+    expect_argmax_matches(window, sequence.token_ids, name=f"lm_head positions {p - 1}..{p + n - 2}")
+
+
+@pytest.mark.parametrize("tokens", ["first", "last"])
+def test_first_and_last_pick_the_ends_of_the_prompt(positions, tokens):
+    whole = positions.completion("prompt", savepoints=[LAYER])
+    one = positions.completion("prompt", savepoints=[LAYER], tokens=tokens)
+    values = positions.tensor(whole, LAYER).values
+    single = positions.tensor(one, LAYER).values
+    rtol, atol = rounding_tolerance("float32")
+    expect_close(single, values[:, :1] if tokens == "first" else values[:, -1:],
+                 what=f"positions=prompt tokens={tokens!r} vs the {tokens} prompt position", rtol=rtol, atol=atol)
