@@ -14,10 +14,12 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from .errors import CaptureError, NotReady
 from .guards import ApiKeyGuard, BodySizeLimit
+from .input_rules import json_safe, validation_detail
 from .registry import ModelRegistry
 from .schemas import ChatRequest, LoadRequest, PureRequest
 from .service import CaptureService
@@ -43,7 +45,9 @@ def create_app(
     on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     owns_registry = registry is None  # shut down only what this app made
-    registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
+    registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch,
+                                         max_batch_tokens=settings.max_batch_tokens,
+                                         max_loaded=settings.max_loaded_models)
     store = store or RunStore(
         settings.storage_dir,
         max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),
@@ -83,7 +87,13 @@ def create_app(
 
     @app.exception_handler(CaptureError)
     async def capture_error(request: Request, exc: CaptureError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": json_safe(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each error's input: NaN, inf or a lone surrogate
+        # there makes the 422 itself fail to serialise, and the client gets a 500.
+        return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -114,7 +124,7 @@ def create_app(
 
         # Loading takes seconds to minutes: off the event loop.
         await anyio.to_thread.run_sync(registry.load, req.model_id, req.device_map, req.dtype)
-        return {"ok": True, "model": req.model_id}
+        return {"ok": True, "model": registry.loaded_id(req.model_id) or req.model_id}
 
     @app.post("/test_pure_nnsight")
     async def test_pure_nnsight(req: PureRequest) -> dict:

@@ -41,3 +41,11 @@ class NotReady(CaptureError):
 
 class StorageFull(CaptureError):
     status_code = 507
+
+
+class Forbidden(CaptureError):
+    status_code = 403
+
+
+class Conflict(CaptureError):
+    status_code = 409

@@ -161,6 +161,9 @@ class CaptureModel:
         self.device = next(self._module.parameters()).device
         self.dtype = next(self._module.parameters()).dtype
         self.eos_token_ids = self._eos_ids()
+        # Prompt + generated tokens beyond this are refused (service._check_context): past
+        # it the positions are untrained, and a huge prompt holds the only worker for long.
+        self.context_length = getattr(config, "max_position_embeddings", None)
         self.sites = self._scan_sites()
         lm_head = self.sites.get(("lm_head", "output"))
         self.info = ModelInfo(

@@ -17,6 +17,7 @@ from typing import AsyncIterator
 
 from . import chat
 from .errors import BadRequest, Unprocessable
+from .input_rules import GREEDY_TEMPERATURE_EPS
 from .registry import ModelRegistry
 from .schemas import ChatRequest, PureRequest
 from .selectors import parse_selector
@@ -99,12 +100,14 @@ class CaptureService:
         plan = self._plan(model, options["savepoints"]) if wants_capture else []
         self._check_capture_size(plan, max_tokens, options)
         prompt_ids = self._render_prompt(model, [m.model_dump() for m in req.messages])
+        self._check_context(model, len(prompt_ids), max_tokens)
 
         from .nnsight_core import GenerationParams
 
         params = GenerationParams(
             max_new_tokens=max_tokens,
-            temperature=req.temperature,
+            # A temperature this small is greedy: dividing logits by it overflows to inf/NaN.
+            temperature=req.temperature if req.temperature >= GREEDY_TEMPERATURE_EPS else 0.0,
             top_p=req.top_p,
             seed=req.seed,
             stop=stop,
@@ -198,6 +201,16 @@ class CaptureService:
                 "(--max-capture-mb); ask for fewer tokens, savepoints or a smaller dtype"
             )
 
+    def _check_context(self, model, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a request whose prompt plus max_tokens does not fit the model's context."""
+        context = getattr(model, "context_length", None)
+        if context is not None and prompt_tokens + max_tokens > context:
+            raise BadRequest(
+                f"this model's context length is {context} tokens, and this request asks for "
+                f"{prompt_tokens + max_tokens}: {prompt_tokens} prompt tokens + max_tokens {max_tokens}; "
+                "shorten the prompt or lower max_tokens"
+            )
+
     # -- seams (one step each; the fault-injection tests replace them) ----------
 
     def _render_prompt(self, model, messages: list[dict]) -> list[int]:
@@ -244,7 +257,10 @@ class CaptureService:
         from .nnsight_core import GenerationParams, GenerationRequest
 
         prompt_ids = chat.encode_raw(model.tokenizer, req.prompt)
+        self._check_context(model, len(prompt_ids), max_new)
         plan = self._plan(model, DEFAULT_SAVEPOINTS)
+        # Its logits capture counts against --max-capture-mb like any other capture.
+        self._check_capture_size(plan, max_new, {"tokens": "all", "dtype": model.info.dtype})
         generation = await worker.generate(
             GenerationRequest(prompt_ids, GenerationParams(max_new_tokens=max_new), plan, "all", model.dtype)
         )
