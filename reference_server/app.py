@@ -15,7 +15,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from .errors import CaptureError, NotReady
 from .guards import ApiKeyGuard, BodySizeLimit
@@ -36,6 +36,12 @@ class Readiness:
     def __init__(self) -> None:
         self.ready = threading.Event()
         self.failure: str | None = None
+
+
+def _read_chunks(handle, chunk: int = 1 << 20):
+    with handle:
+        while data := handle.read(chunk):
+            yield data
 
 
 def create_app(
@@ -154,12 +160,19 @@ def create_app(
     # A sync endpoint on purpose: it runs in anyio's thread pool, which is what
     # nnsight's `.save` mount breaks; the tests download through it after nnsight loaded.
     @app.get("/v1/activations/{run_id}/{name}")
-    def get_activation(run_id: str, name: str) -> FileResponse:
-        return FileResponse(store.file_path(run_id, name), media_type="application/octet-stream")
+    def get_activation(run_id: str, name: str) -> StreamingResponse:
+        # Opened here, before the status line: a DELETE racing this download removes the
+        # run's name, not the open file, so the client gets all of it or a 404, never a cut body.
+        handle, size = store.open_file(run_id, name)
+        return StreamingResponse(_read_chunks(handle), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
 
     @app.delete("/v1/activations/{run_id}", status_code=204)
     async def delete_run(run_id: str) -> Response:
-        store.delete_run(run_id)
+        import anyio
+
+        # In a thread: it waits for the storage lock, which a large write holds for seconds.
+        await anyio.to_thread.run_sync(store.delete_run, run_id)
         return Response(status_code=204)
 
     if settings.fault:
