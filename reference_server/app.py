@@ -7,6 +7,7 @@ anything.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -42,6 +43,29 @@ def _read_chunks(handle, chunk: int = 1 << 20):
     with handle:
         while data := handle.read(chunk):
             yield data
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is read already: what receive() gives now is the client hanging up.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work``; if the client hangs up first, cancel it (its generation stops, nothing is stored)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error has no reader
+            log.info("client left %s before its answer: generation cancelled, nothing stored", request.url.path)
+    if not task.done() or task.cancelled():
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    return task.result()
 
 
 def create_app(
@@ -133,15 +157,15 @@ def create_app(
         return {"ok": True, "model": registry.loaded_id(req.model_id) or req.model_id}
 
     @app.post("/test_pure_nnsight")
-    async def test_pure_nnsight(req: PureRequest) -> dict:
+    async def test_pure_nnsight(req: PureRequest, request: Request):
         require_ready()
-        return await service.pure_nnsight(req)
+        return await _unless_disconnected(request, service.pure_nnsight(req))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         require_ready()
         if not req.stream:
-            return await service.chat_completion(req)
+            return await _unless_disconnected(request, service.chat_completion(req))
         prepared = service.prepare_chat(req)  # a refused request is a 4xx, not a stream
 
         async def events():

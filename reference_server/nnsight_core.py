@@ -13,6 +13,7 @@ traces on one model at once fail): callers serialise calls per model, see
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ os.environ.setdefault("NNSIGHT_CONFIG", str(Path(__file__).with_name("nnsight_co
 import nnsight  # noqa: E402
 import torch  # noqa: E402
 from nnsight import TransformersModel  # noqa: E402
+from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 from .errors import Unprocessable  # noqa: E402
 from .selectors import Selector  # noqa: E402
@@ -90,6 +92,8 @@ class GenerationRequest:
     tokens: str = "all"
     capture_dtype: torch.dtype = torch.float32
     on_token: Callable[[int], None] | None = None  # called from the worker thread per generated token
+    # Set when the client is gone (registry.ModelWorker): the generation stops at its next step.
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 
     def batch_key(self):
         """Requests with equal keys may share one generate; None: run alone.
@@ -126,6 +130,24 @@ class _TokenStreamer:
 
     def end(self) -> None:
         pass
+
+
+class _StopWhenCancelled(StoppingCriteria):
+    """A transformers stopping criterion: row i is done once its request's client is gone.
+
+    Per row, so a batched neighbour of a cancelled request goes on; when every row
+    is done, generate returns and the worker takes its next job.
+    """
+
+    def __init__(self, events: list[threading.Event]):
+        self._events = events
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([e.is_set() for e in self._events], dtype=torch.bool, device=input_ids.device)
+
+
+def _cancellable(kwargs: dict, events: list[threading.Event]) -> dict:
+    return {**kwargs, "stopping_criteria": StoppingCriteriaList([_StopWhenCancelled(events)])}
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -289,12 +311,15 @@ class CaptureModel:
         tokens: str = "all",
         capture_dtype: torch.dtype = torch.float32,
         on_token: Callable[[int], None] | None = None,
+        cancelled: threading.Event | None = None,
     ) -> Generation:
         """Generate from ``prompt_ids``, capturing each savepoint at every step's last position."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         kwargs = self._generate_kwargs(params)
+        if cancelled is not None:
+            kwargs = _cancellable(kwargs, [cancelled])
         if on_token is not None:
             kwargs["streamer"] = _TokenStreamer(on_token)
         if not savepoints:
@@ -344,7 +369,8 @@ class CaptureModel:
         """
         if len(requests) == 1:
             r = requests[0]
-            return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token)]
+            return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token,
+                                  r.cancelled)]
         from dataclasses import replace
 
         steps = max(r.params.max_new_tokens for r in requests)
@@ -354,7 +380,9 @@ class CaptureModel:
         limits = [r.params.max_new_tokens for r in requests]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with self._nn.generate(**self._generate_kwargs(replace(requests[0].params, max_new_tokens=steps))) as tracer:
+            kwargs = _cancellable(self._generate_kwargs(replace(requests[0].params, max_new_tokens=steps)),
+                                  [r.cancelled for r in requests])
+            with self._nn.generate(**kwargs) as tracer:
                 captured = nnsight.save([[[] for _ in plan] for plan in plans])
                 for row, (input_ids, row_sites, limit) in enumerate(zip(inputs, sites, limits)):
                     with tracer.invoke(input_ids):

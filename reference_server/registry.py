@@ -5,8 +5,8 @@ touches a model goes through that model's single worker thread: traces are
 serialised per model by construction (concurrent requests are batched into one
 trace instead, see ModelWorker), and the event loop only awaits a future,
 so ``/health`` and other requests are answered while a generation runs. A
-client that disconnects does not cancel the call: the worker finishes it and
-moves on, so no lock is ever left held.
+client that disconnects cancels its call: a queued job is dropped, a running
+generation stops at its next step (no lock is ever left held either way).
 """
 
 from __future__ import annotations
@@ -65,7 +65,14 @@ class ModelWorker:
                 raise RuntimeError("model worker is shut down")
             self._jobs.append(job)
             self._wakeup.notify()
-        return await asyncio.wrap_future(job.future)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            # The caller is gone (a client that hung up): a queued job is dropped by the
+            # cancelled future; a running generation stops at its next step.
+            if job.request is not None:
+                job.request.cancelled.set()
+            raise
 
     def _take_batch(self) -> list["_Job"]:
         with self._wakeup:

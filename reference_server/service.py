@@ -154,22 +154,30 @@ class CaptureService:
         def chunk(delta: dict, finish_reason=None, **extra) -> dict:
             return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
 
-        yield chunk({"role": "assistant", "content": ""})
-        tokenizer = prepared.worker.model.tokenizer
-        deltas = chat.TextDeltas(tokenizer, prepared.params.stop)
-        ids: list[int] = []
-        while True:
-            getter = asyncio.ensure_future(tokens.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                if tokens.empty():
-                    break
-                token = tokens.get_nowait()
-            else:
-                token = getter.result()
-            ids.append(token)
-            yield chunk({"content": deltas.push(ids)})
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            tokenizer = prepared.worker.model.tokenizer
+            deltas = chat.TextDeltas(tokenizer, prepared.params.stop)
+            ids: list[int] = []
+            while True:
+                getter = asyncio.ensure_future(tokens.get())
+                try:
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                if not getter.done() or getter.cancelled():
+                    if tokens.empty():
+                        break
+                    token = tokens.get_nowait()
+                else:
+                    token = getter.result()
+                ids.append(token)
+                yield chunk({"content": deltas.push(ids)})
+        finally:
+            # Cancelled (the client hung up) or closed early: stop the generation too.
+            if not task.done():
+                task.cancel()
         generation = await task  # raises here if the generation failed
         completion = self._complete(prepared, generation)
         capture = await self._store_async(generation, prepared) if prepared.wants_capture else {}
@@ -185,7 +193,21 @@ class CaptureService:
                              generation.hit_eos, prepared.params.stop)
 
     async def _store_async(self, generation, prepared: "PreparedChat") -> dict:
-        return await asyncio.wrap_future(self._writer.submit(self._store, generation, prepared.plan, prepared.options))
+        future = self._writer.submit(self._store, generation, prepared.plan, prepared.options)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The client is gone: a write not yet started is dropped with the future; one
+            # already running is deleted when it ends, so nobody's run is left behind.
+            future.add_done_callback(self._discard_run)
+            raise
+
+    def _discard_run(self, future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        run_id = future.result().get("activation_run_id")
+        if run_id:
+            self.store.delete_run(run_id)
 
     def _check_capture_size(self, plan, max_tokens: int, options: dict) -> None:
         """Refuse, before generating, a request whose capture could exceed --max-capture-mb."""
