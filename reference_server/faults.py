@@ -396,3 +396,16 @@ def _load_drops(t: Target) -> None:
             raise
 
     t.registry.load = load
+
+
+# -- issue 15 --
+
+
+@fault("validation_echo_500", "bad_input",
+       "the stock validation handler echoes NaN, 1e400 or a lone surrogate back and answers 500")
+def _validation_echo(t: Target) -> None:
+    from fastapi.exception_handlers import request_validation_exception_handler
+    from fastapi.exceptions import RequestValidationError
+
+    # FastAPI's own handler: its 422 carries the input, which strict JSON cannot encode.
+    t.app.add_exception_handler(RequestValidationError, request_validation_exception_handler)
