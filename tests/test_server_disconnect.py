@@ -60,13 +60,17 @@ def hang_up_after_sending(server, bodies: list[dict]) -> None:
         sock.close()
 
 
-def test_abandoned_requests_free_the_worker_and_store_nothing(server):
-    baseline, _ = short_request_seconds(server)
-    # Alone, one of these takes ~3-4 s here; four queued are ~15 s of work nobody will read.
-    alone_started = time.monotonic()
+@pytest.fixture(scope="module")
+def one_heavy(server) -> float:
+    """Seconds one heavy request takes when served whole (~4-6 s here)."""
+    started = time.monotonic()
     served = requests.post(server.url + CHAT, json=heavy(server, seed=1), timeout=120)
-    one_heavy = time.monotonic() - alone_started
     assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] > 30, served.text
+    return time.monotonic() - started
+
+
+def test_abandoned_requests_free_the_worker_and_store_nothing(server, one_heavy):
+    baseline, _ = short_request_seconds(server)
     before = stored_runs(server)
 
     hang_up_after_sending(server, [heavy(server, seed=s) for s in (2, 3, 4, 5)])
@@ -77,19 +81,13 @@ def test_abandoned_requests_free_the_worker_and_store_nothing(server):
     assert stored_runs(server) == sorted(before + [short["activation_run_id"]]), "an abandoned request stored a run"
     log = server.log_path.read_text()
     assert "generation cancelled" in log and "Traceback" not in log, log[-3000:]
-    server.figures = {"baseline_s": baseline, "one_heavy_s": one_heavy, "after_hang_up_s": freed_after}
     print(f"\nworker freed: short request {freed_after:.2f} s after hang-up of 4 x {one_heavy:.1f} s "
           f"(idle: {baseline:.2f} s)")
 
 
-def test_a_stream_closed_midway_stops_its_generation(server):
+def test_a_stream_closed_midway_stops_its_generation(server, one_heavy):
     baseline, _ = short_request_seconds(server)
-    started = time.monotonic()
-    full = requests.post(server.url + CHAT, json=heavy(server, seed=7), timeout=120)
-    one_heavy = time.monotonic() - started
-    assert full.status_code == 200
-
-    with requests.post(server.url + CHAT, json=heavy(server, seed=7, stream=True), stream=True, timeout=120) as response:
+    with requests.post(server.url + CHAT, json=heavy(server, seed=1, stream=True), stream=True, timeout=120) as response:
         assert response.status_code == 200
         seen = 0
         for line in response.iter_lines():  # three chunks: the generation is running
