@@ -114,6 +114,7 @@ def create_app(
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
     app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
+    app.state.service = service
 
     @app.exception_handler(CaptureError)
     async def capture_error(request: Request, exc: CaptureError) -> JSONResponse:

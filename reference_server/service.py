@@ -8,6 +8,7 @@ stores the tensors (storage). Returns plain dicts; knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from . import chat
-from .errors import BadRequest, Unprocessable
+from .errors import BadRequest, CaptureError, Unprocessable
 from .input_rules import GREEDY_TEMPERATURE_EPS
 from .registry import ModelRegistry
 from .schemas import ChatRequest, PureRequest
@@ -24,6 +25,7 @@ from .selectors import parse_selector
 from .settings import Settings
 from .storage import RunStore
 
+log = logging.getLogger(__name__)
 DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}]
 
 
@@ -207,7 +209,10 @@ class CaptureService:
             return
         run_id = future.result().get("activation_run_id")
         if run_id:
-            self.store.delete_run(run_id)
+            try:
+                self.store.delete_run(run_id)
+            except CaptureError as exc:  # evicted meanwhile, or a read-only store: nothing more to do
+                log.warning("could not discard run %s of a client that left: %s", run_id, exc.detail)
 
     def _check_capture_size(self, plan, max_tokens: int, options: dict) -> None:
         """Refuse, before generating, a request whose capture could exceed --max-capture-mb."""

@@ -100,3 +100,38 @@ def test_a_stream_closed_midway_stops_its_generation(server, one_heavy):
         f"a 3-token request took {freed_after:.1f} s after a stream was closed ({one_heavy:.1f} s of work, "
         f"{baseline:.1f} s when idle)")
     print(f"\nworker freed after a closed stream: {freed_after:.2f} s (work left: up to {one_heavy:.1f} s)")
+
+
+def test_a_write_under_way_when_the_client_leaves_is_deleted_when_it_ends(client):
+    import asyncio
+    import threading
+
+    import torch
+
+    from reference_server.nnsight_core import Generation
+    from reference_server.schemas import ChatRequest
+
+    service, store = client.app.state.service, client.app.state.store
+    prepared = service.prepare_chat(ChatRequest(**chat_body(max_tokens=1, store_activations=True)))
+    generation = Generation(token_ids=[5], tensors={"_logits": torch.zeros(1, 1, 8)})
+    writing, release = threading.Event(), threading.Event()
+    original = service._store
+
+    def slow_store(*args):
+        writing.set()
+        release.wait(10)
+        return original(*args)
+
+    service._store = slow_store
+
+    async def scenario():
+        task = asyncio.ensure_future(service._store_async(generation, prepared))
+        await asyncio.get_running_loop().run_in_executor(None, writing.wait, 10)
+        task.cancel()  # the client hung up while its run was being written
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    service._writer.submit(lambda: None).result(10)  # the writer has finished, callbacks included
+    assert store.run_ids() == []
