@@ -7,6 +7,7 @@ anything.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -14,15 +15,15 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admission import CaptureBudget, default_budget_bytes
 from .errors import CaptureError, NotReady, error_body
 from .guards import ApiKeyGuard, BodySizeLimit
+from .input_rules import json_safe, validation_detail
 from .registry import ModelRegistry
 from .schemas import ChatRequest, LoadRequest, PureRequest
 from .service import CaptureService
@@ -46,6 +47,35 @@ def _stream_error(status: int, detail: str) -> dict:
     return {"error": {**error_body(status, detail)["error"], "code": status}}
 
 
+def _read_chunks(handle, chunk: int = 1 << 20):
+    with handle:
+        while data := handle.read(chunk):
+            yield data
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is read already: what receive() gives now is the client hanging up.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work``; if the client hangs up first, cancel it (its generation stops, nothing is stored)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error has no reader
+            log.info("client left %s before its answer: generation cancelled, nothing stored", request.url.path)
+    if not task.done() or task.cancelled():
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    return task.result()
+
+
 def create_app(
     settings: Settings,
     registry: ModelRegistry | None = None,
@@ -53,7 +83,9 @@ def create_app(
     on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     owns_registry = registry is None  # shut down only what this app made
-    registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
+    registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch,
+                                         max_batch_tokens=settings.max_batch_tokens,
+                                         max_loaded=settings.max_loaded_models)
     store = store or RunStore(
         settings.storage_dir,
         max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),
@@ -107,12 +139,14 @@ def create_app(
     # Every error answer is built by errors.error_body: the protocol's `detail` and OpenAI's `error` envelope.
     @app.exception_handler(CaptureError)
     async def capture_error(request: Request, exc: CaptureError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, exc.detail), status_code=exc.status_code,
+        return JSONResponse(error_body(exc.status_code, json_safe(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
+        # FastAPI's own handler echoes each error's input: NaN, inf or a lone surrogate
+        # there makes the 422 itself fail to serialise, and the client gets a 500.
+        errors = validation_detail(exc.errors())
         where = [".".join(str(part) for part in e.get("loc", ()) if part != "body") for e in errors]
         message = "; ".join(f"{w or 'body'}: {e.get('msg', 'invalid')}" for w, e in zip(where, errors))
         return JSONResponse(error_body(422, errors, message=message, param=where[0] if where else None),
@@ -154,18 +188,18 @@ def create_app(
 
         # Loading takes seconds to minutes: off the event loop.
         await anyio.to_thread.run_sync(registry.load, req.model_id, req.device_map, req.dtype)
-        return {"ok": True, "model": req.model_id}
+        return {"ok": True, "model": registry.loaded_id(req.model_id) or req.model_id}
 
     @app.post("/test_pure_nnsight")
-    async def test_pure_nnsight(req: PureRequest) -> dict:
+    async def test_pure_nnsight(req: PureRequest, request: Request):
         require_ready()
-        return await service.pure_nnsight(req)
+        return await _unless_disconnected(request, service.pure_nnsight(req))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         require_ready()
         if not req.stream:
-            return await service.chat_completion(req)
+            return await _unless_disconnected(request, service.chat_completion(req))
         prepared = service.prepare_chat(req)  # a refused request is a 4xx (or the budget's 503), not a stream
 
         async def events():
@@ -188,12 +222,19 @@ def create_app(
     # A sync endpoint on purpose: it runs in anyio's thread pool, which is what
     # nnsight's `.save` mount breaks; the tests download through it after nnsight loaded.
     @app.get("/v1/activations/{run_id}/{name}")
-    def get_activation(run_id: str, name: str) -> FileResponse:
-        return FileResponse(store.file_path(run_id, name), media_type="application/octet-stream")
+    def get_activation(run_id: str, name: str) -> StreamingResponse:
+        # Opened here, before the status line: a DELETE racing this download removes the
+        # run's name, not the open file, so the client gets all of it or a 404, never a cut body.
+        handle, size = store.open_file(run_id, name)
+        return StreamingResponse(_read_chunks(handle), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
 
     @app.delete("/v1/activations/{run_id}", status_code=204)
     async def delete_run(run_id: str) -> Response:
-        store.delete_run(run_id)
+        import anyio
+
+        # In a thread: it waits for the storage lock, which a large write holds for seconds.
+        await anyio.to_thread.run_sync(store.delete_run, run_id)
         return Response(status_code=204)
 
     return app

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="concurrent greedy requests served by one generate; 1 turns batching off. Default: 8 for "
                              "float32 models, 1 for bfloat16/float16, whose batched results round differently from "
                              "solo runs and can change greedy ids")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192,
+                        help="padded size of one batched generate, rows x (longest prompt + longest max_tokens): "
+                             "a request that would take a batch past it waits for the next one; a single request "
+                             "over it runs alone (default: %(default)s)")
+    parser.add_argument("--max-loaded-models", type=int, default=4,
+                        help="most models loaded at once; /models/load beyond it is 409 (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (the scheme in any case) on every endpoint but "
                              "/health (default: $CAPTURE_SERVER_API_KEY; none)")
@@ -72,6 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_new_tokens_limit=args.max_new_tokens_limit,
         log_level=args.log_level,
         max_batch=args.max_batch,
+        max_batch_tokens=args.max_batch_tokens,
+        max_loaded_models=args.max_loaded_models,
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         max_savepoints=args.max_savepoints,

@@ -43,6 +43,14 @@ class StorageFull(CaptureError):
     status_code = 507
 
 
+class Forbidden(CaptureError):
+    status_code = 403
+
+
+class Conflict(CaptureError):
+    status_code = 409
+
+
 class Overloaded(CaptureError):
     """503 with ``Retry-After``: the server is healthy but busy; the same request may succeed later."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ os.environ.setdefault("NNSIGHT_CONFIG", str(Path(__file__).with_name("nnsight_co
 import nnsight  # noqa: E402
 import torch  # noqa: E402
 from nnsight import TransformersModel  # noqa: E402
-from transformers import StoppingCriteria, StopStringCriteria  # noqa: E402
+from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria  # noqa: E402
 
 from .errors import Unprocessable  # noqa: E402
 from .selectors import Selector  # noqa: E402
@@ -96,6 +97,8 @@ class GenerationRequest:
     capture_dtype: torch.dtype = torch.float32
     on_token: Callable[[int], None] | None = None  # called from the worker thread per generated token
     positions: str = "generated"  # "generated", "prompt" or "sequence" (protocol 1.1)
+    # Set when the client is gone (registry.ModelWorker): the generation stops at its next step.
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 
     def batch_key(self):
         """Requests with equal keys may share one generate; None: run alone.
@@ -190,6 +193,24 @@ class _StopOneStepLate(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _StopWhenCancelled(StoppingCriteria):
+    """A transformers stopping criterion: row i is done once its request's client is gone.
+
+    Per row, so a batched neighbour of a cancelled request goes on; when every row
+    is done, generate returns and the worker takes its next job.
+    """
+
+    def __init__(self, events: list[threading.Event]):
+        self._events = events
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([e.is_set() for e in self._events], dtype=torch.bool, device=input_ids.device)
+
+
+def _cancellable(kwargs: dict, events: list[threading.Event]) -> dict:
+    return {**kwargs, "stopping_criteria": StoppingCriteriaList([_StopWhenCancelled(events)])}
+
+
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     """One device-to-host copy per savepoint and request; on CUDA into pinned memory.
 
@@ -223,6 +244,9 @@ class CaptureModel:
         self.device = next(self._module.parameters()).device
         self.dtype = next(self._module.parameters()).dtype
         self.eos_token_ids = self._eos_ids()
+        # Prompt + generated tokens beyond this are refused (service._check_context): past
+        # it the positions are untrained, and a huge prompt holds the only worker for long.
+        self.context_length = getattr(config, "max_position_embeddings", None)
         self.sites = self._scan_sites()
         lm_head = self.sites.get(("lm_head", "output"))
         self.info = ModelInfo(
@@ -362,6 +386,7 @@ class CaptureModel:
         capture_dtype: torch.dtype = torch.float32,
         on_token: Callable[[int], None] | None = None,
         positions: str = "generated",
+        cancelled: threading.Event | None = None,
     ) -> Generation:
         """Generate from ``prompt_ids``, capturing each savepoint at the asked ``positions``."""
         if params.seed is not None:
@@ -369,12 +394,15 @@ class CaptureModel:
         if not savepoints:
             input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             kwargs = self._generate_kwargs(params)
+            if cancelled is not None:
+                kwargs = _cancellable(kwargs, [cancelled])
             if on_token is not None:
                 kwargs["streamer"] = _TokenStreamer(on_token)
             with torch.inference_mode():
                 out = self._module.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
             return self._finish(out[0, len(prompt_ids):].tolist(), {})
-        request = GenerationRequest(prompt_ids, params, savepoints, tokens, capture_dtype, on_token, positions)
+        request = GenerationRequest(prompt_ids, params, savepoints, tokens, capture_dtype, on_token, positions,
+                                    cancelled if cancelled is not None else threading.Event())
         return self._traced([request])[0]
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
@@ -388,7 +416,7 @@ class CaptureModel:
         if len(requests) == 1:
             r = requests[0]
             return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token,
-                                  r.positions)]
+                                  r.positions, r.cancelled)]
         return self._traced(requests)
 
     def _traced(self, requests: list[GenerationRequest]) -> list[Generation]:
@@ -416,7 +444,10 @@ class CaptureModel:
             stopper = _StopOneStepLate(width, limits, self.eos_token_ids, kwargs.pop("stop_strings", None),
                                        kwargs.pop("tokenizer", None))
             # The criterion above owns every stop condition; generate's own must never fire first.
-            kwargs.update(max_new_tokens=max(limits) + 1, eos_token_id=[], stopping_criteria=[stopper])
+            kwargs.update(max_new_tokens=max(limits) + 1, eos_token_id=[])
+        # A request whose client is gone stops at its next step (per row: batched neighbours go on).
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            ([stopper] if stopper is not None else []) + [_StopWhenCancelled([r.cancelled for r in requests])])
         if first.on_token is not None:
             kwargs["streamer"] = _TokenStreamer(first.on_token, stopper)
         if any(r.needs_all_logits() for r in requests):
@@ -466,6 +497,9 @@ class CaptureModel:
                 new_ids = result[row, width:][: request.params.max_new_tokens].tolist()
                 end = next((i + 1 for i, t in enumerate(new_ids) if t in self.eos_token_ids), len(new_ids))
                 new_ids = new_ids[:end]  # after its EOS a row only holds padding
+            if request.cancelled.is_set():  # nobody will read it: no tensors to cut or copy
+                generations.append(self._finish(new_ids, {}))
+                continue
             tensors = {sp.name: _to_host(self._select(sp, entries, request, len(new_ids), solo))
                        for sp, entries in zip(plans[row], captured[row])}
             generations.append(self._finish(new_ids, tensors))

@@ -5,14 +5,15 @@ touches a model goes through that model's single worker thread: traces are
 serialised per model by construction (concurrent requests are batched into one
 trace instead, see ModelWorker), and the event loop only awaits a future,
 so ``/health`` and other requests are answered while a generation runs. A
-client that disconnects does not cancel the call: the worker finishes it and
-moves on, so no lock is ever left held.
+client that disconnects cancels its call: a queued job is dropped, a running
+generation stops at its next step (no lock is ever left held either way).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -21,7 +22,7 @@ from typing import Callable, TypeVar
 
 from fixtures.tiny_model import resolve_model_path
 
-from .errors import NotFound, Unprocessable
+from .errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,9 +37,13 @@ class ModelWorker:
     while a generation runs share the next one.
     """
 
-    def __init__(self, model, max_batch: int = 1):
+    def __init__(self, model, max_batch: int = 1, max_batch_tokens: int = 8192):
         self.model = model
         self.max_batch = max(1, max_batch)
+        # Rows are left-padded to the longest prompt and run to the longest max_tokens,
+        # so a batch costs rows x that width: one long prompt among short ones multiplies
+        # its memory by the row count. A request over the budget alone still runs alone.
+        self.max_batch_tokens = max_batch_tokens
         self._jobs: deque[_Job] = deque()
         self._wakeup = threading.Condition()
         self._stopped = False
@@ -60,7 +65,14 @@ class ModelWorker:
                 raise RuntimeError("model worker is shut down")
             self._jobs.append(job)
             self._wakeup.notify()
-        return await asyncio.wrap_future(job.future)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            # The caller is gone (a client that hung up): a queued job is dropped by the
+            # cancelled future; a running generation stops at its next step.
+            if job.request is not None:
+                job.request.cancelled.set()
+            raise
 
     def _take_batch(self) -> list["_Job"]:
         with self._wakeup:
@@ -74,7 +86,7 @@ class ModelWorker:
                 for job in list(self._jobs):
                     if len(batch) >= self.max_batch:
                         break
-                    if job.key == first.key:
+                    if job.key == first.key and padded_tokens([*batch, job]) <= self.max_batch_tokens:
                         self._jobs.remove(job)
                         batch.append(job)
             return batch
@@ -106,6 +118,12 @@ class ModelWorker:
             self._wakeup.notify_all()
 
 
+def padded_tokens(jobs: list["_Job"]) -> int:
+    """What one generate over these jobs holds: rows x (longest prompt + longest max_tokens)."""
+    width = max(len(j.request.prompt_ids) for j in jobs) + max(j.request.params.max_new_tokens for j in jobs)
+    return len(jobs) * width
+
+
 @dataclass(eq=False)
 class _Job:
     key: object
@@ -118,12 +136,16 @@ class ModelRegistry:
     """Model id -> worker. Loading is serialised; a failed load changes nothing."""
 
     def __init__(self, device: str = "auto", dtype: str = "auto", loader: Callable | None = None,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, max_batch_tokens: int = 8192, max_loaded: int = 4):
         self.device = device
         self.dtype = dtype
         self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.max_loaded = max_loaded
         self._loader = loader
         self._workers: dict[str, ModelWorker] = {}
+        # Resolved directory -> the id it was loaded under: D, D/, D/. and D// are one model.
+        self._by_path: dict[str, str] = {}
         self._load_lock = threading.Lock()
 
     def _load(self, model_id: str, device: str, dtype: str):
@@ -134,30 +156,43 @@ class ModelRegistry:
         return CaptureModel.load(model_id, resolve_model_path(model_id), device=device, dtype=dtype)
 
     def load(self, model_id: str, device: str | None = None, dtype: str | None = None) -> bool:
-        """Load ``model_id`` unless it is loaded already; True if this call loaded it."""
+        """Load ``model_id`` unless it is loaded already (under any spelling); True if this call loaded it."""
         with self._load_lock:
-            if model_id in self._workers:
+            path = _local_dir(resolve_model_path(model_id))
+            if self.loaded_id(model_id) is not None or (path is not None and path in self._by_path):
                 return False
+            if len(self._workers) >= self.max_loaded:
+                raise Conflict(f"{len(self._workers)} models are loaded, the limit (--max-loaded-models); "
+                               f"{model_id!r} was not loaded")
             try:
                 model = self._load(model_id, device or self.device, dtype or self.dtype)
-            except (OSError, ValueError) as exc:  # no such directory, no hub, not a model id
-                log.warning("loading %r failed: %s", model_id, exc)
-                raise NotFound(f"model {model_id!r} could not be loaded: {_first_line(exc)}") from None
-            except Exception as exc:  # a broken checkpoint must not take the server down
-                log.exception("loading %r failed", model_id)
-                raise Unprocessable(f"model {model_id!r} could not be loaded: {_first_line(exc)}") from None
-            self._workers[model_id] = ModelWorker(model, max_batch=batch_size_for(model, self.max_batch))
+            except Exception as exc:  # no such directory, no hub, a broken checkpoint: the server lives on
+                # One answer for every cause: the reason (which files exist, which do not)
+                # is the host's business and goes to the log only.
+                log.warning("loading %r failed: %s", model_id, _first_line(exc), exc_info=not isinstance(exc, OSError))
+                raise NotFound(f"model {model_id!r} could not be loaded (the server log has the reason)") from None
+            self._workers[model_id] = ModelWorker(model, max_batch=batch_size_for(model, self.max_batch),
+                                                 max_batch_tokens=self.max_batch_tokens)
+            if path is not None:
+                self._by_path[path] = model_id
             return True
+
+    def loaded_id(self, model_id: str) -> str | None:
+        """The id ``model_id`` is loaded under (itself, or a directory's first spelling); None if not loaded."""
+        if model_id in self._workers:
+            return model_id
+        path = _local_dir(model_id)
+        return self._by_path.get(path) if path is not None else None
 
     def get(self, model_id: str | None) -> ModelWorker:
         if model_id is None:
             if not self._workers:
                 raise NotFound("no model is loaded")
             return next(iter(self._workers.values()))
-        worker = self._workers.get(model_id)
-        if worker is None:
+        loaded = self.loaded_id(model_id)
+        if loaded is None:
             raise NotFound(f"model {model_id!r} is not loaded (loaded: {sorted(self._workers)})")
-        return worker
+        return self._workers[loaded]
 
     def ids(self) -> list[str]:
         return list(self._workers)
@@ -185,6 +220,14 @@ def batch_size_for(model, requested: int | None) -> int:
     if requested is not None:
         return requested
     return AUTO_MAX_BATCH if model.info.dtype == "float32" else 1
+
+
+def _local_dir(path: str) -> str | None:
+    """The resolved path of a local directory (symlinks, '.', '//' and a trailing '/' gone), else None."""
+    try:
+        return os.path.realpath(path) if os.path.isdir(path) else None
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .input_rules import Bool, Int, Number, Seed, Text, refuse_unsupported_fields, valid_unicode
 
 # "developer" is OpenAI's successor to "system" for newer models; chat.template_messages renders it.
 ROLES = ("system", "developer", "user", "assistant")
@@ -18,8 +20,8 @@ class Message(BaseModel):
     """
 
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict]
+    role: Text
+    content: Text | list[dict]
 
     @field_validator("role")
     @classmethod
@@ -39,6 +41,8 @@ class Message(BaseModel):
         if not content:
             raise ValueError("content is an empty list of parts; send a string or at least one text part")
         for index, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ValueError(f"content part {index} is not an object with a 'type'")
             kind = part.get("type")
             if kind != "text":
                 shown = repr(kind[:64]) if isinstance(kind, str) else f"{kind!r:.64}"
@@ -46,19 +50,20 @@ class Message(BaseModel):
                                  "(parts of type 'text')")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"content part {index} of type 'text' has no string 'text'")
+            valid_unicode(part["text"])  # a lone surrogate in a part is as unencodable as in a string
         return [{"type": "text", "text": part["text"]} for part in content]
 
 
 class NamedSavepoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\[\]\-]+$")
-    selector: str = Field(min_length=1, max_length=256)
+    selector: Text = Field(min_length=1, max_length=256)
 
 
 class CaptureOptions(BaseModel):
     # Unknown capture fields are refused: a typo must not silently capture the default.
     model_config = ConfigDict(extra="forbid")
-    savepoints: list[str | NamedSavepoint] | None = Field(default=None, min_length=1)
+    savepoints: list[Text | NamedSavepoint] | None = Field(default=None, min_length=1)
     tokens: Literal["all", "first", "last"] = "all"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     format: Literal["pt", "safetensors"] = "pt"
@@ -66,36 +71,39 @@ class CaptureOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ChatRequest(BaseModel):
-    # OpenAI clients send fields this server does not use (user, metadata, ...): ignore them.
+    # OpenAI clients send fields this server does not use (user, metadata, ...): ignore them,
+    # except those that change what the response means (input_rules.UNSUPPORTED_CHAT_FIELDS).
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Number = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
+    seed: Seed | None = None
+    stop: Text | list[Text] | None = None
+    n: Int = 1
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    store_activations: bool = False
+    store_activations: Bool = False
     capture: CaptureOptions | None = None
+
+    _refuse_unsupported = model_validator(mode="before")(refuse_unsupported_fields)
 
 
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model_id: str = Field(min_length=1, max_length=512)
-    device_map: str | None = None
+    model_id: Text = Field(min_length=1, max_length=512)
+    device_map: Text | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
 class PureRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str = "Hello"
-    max_new_tokens: int = Field(default=1, ge=1)
+    model: Text | None = None
+    prompt: Text = "Hello"
+    max_new_tokens: Int = Field(default=1, ge=1)

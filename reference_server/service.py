@@ -8,6 +8,7 @@ stores the tensors (storage). Returns plain dicts; knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -17,13 +18,15 @@ from typing import AsyncIterator
 
 from . import chat
 from .admission import NO_RESERVATION, CaptureBudget, Reservation
-from .errors import BadRequest, Unprocessable
+from .errors import BadRequest, CaptureError, Unprocessable
+from .input_rules import GREEDY_TEMPERATURE_EPS
 from .registry import ModelRegistry
 from .schemas import ChatRequest, PureRequest
 from .selectors import parse_selector
 from .settings import Settings
 from .storage import RunStore
 
+log = logging.getLogger(__name__)
 DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}]
 # Optional protocol features this server supports (/v1/models capture.features, protocol 1.1).
 FEATURES = ["prompt", "sequence", "streaming", "safetensors", "bfloat16", "float16"]
@@ -112,6 +115,7 @@ class CaptureService:
                                                         "positions": "generated"}
         plan = self._plan(model, options["savepoints"]) if wants_capture else []
         prompt_ids = self._render_prompt(model, [m.model_dump() for m in req.messages])
+        self._check_context(model, len(prompt_ids), max_tokens)
         # After rendering: prompt and sequence captures grow with the prompt's length.
         capture_bytes = self._check_capture_size(plan, max_tokens, options, len(prompt_ids))
 
@@ -119,7 +123,8 @@ class CaptureService:
 
         params = GenerationParams(
             max_new_tokens=max_tokens,
-            temperature=req.temperature,
+            # A temperature this small is greedy: dividing logits by it overflows to inf/NaN.
+            temperature=req.temperature if req.temperature >= GREEDY_TEMPERATURE_EPS else 0.0,
             top_p=req.top_p,
             seed=req.seed,
             stop=stop,
@@ -176,22 +181,30 @@ class CaptureService:
         def chunk(delta: dict, finish_reason=None, **extra) -> dict:
             return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
 
-        yield chunk({"role": "assistant", "content": ""})
-        tokenizer = prepared.worker.model.tokenizer
-        deltas = chat.TextDeltas(tokenizer, prepared.params.stop)
-        ids: list[int] = []
-        while True:
-            getter = asyncio.ensure_future(tokens.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                if tokens.empty():
-                    break
-                token = tokens.get_nowait()
-            else:
-                token = getter.result()
-            ids.append(token)
-            yield chunk({"content": deltas.push(ids)})
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            tokenizer = prepared.worker.model.tokenizer
+            deltas = chat.TextDeltas(tokenizer, prepared.params.stop)
+            ids: list[int] = []
+            while True:
+                getter = asyncio.ensure_future(tokens.get())
+                try:
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                if not getter.done() or getter.cancelled():
+                    if tokens.empty():
+                        break
+                    token = tokens.get_nowait()
+                else:
+                    token = getter.result()
+                ids.append(token)
+                yield chunk({"content": deltas.push(ids)})
+        finally:
+            # Cancelled (the client hung up) or closed early: stop the generation too.
+            if not task.done():
+                task.cancel()
         generation = await task  # raises here if the generation failed
         completion = self._complete(prepared, generation)
         capture = await self._store_async(generation, prepared) if prepared.wants_capture else {}
@@ -209,9 +222,25 @@ class CaptureService:
     async def _store_async(self, generation, prepared: "PreparedChat") -> dict:
         write = self._writer.submit(self._store, generation, prepared.plan, prepared.options)
         prepared.reservation.hold(write)  # the files waiting for the writer count until written
-        fields = await asyncio.wrap_future(write)
+        try:
+            fields = await asyncio.wrap_future(write)
+        except asyncio.CancelledError:
+            # The client is gone: a write not yet started is dropped with the future; one
+            # already running is deleted when it ends, so nobody's run is left behind.
+            write.add_done_callback(self._discard_run)
+            raise
         # The ids the model was fed (protocol 1.1): a client can recompute the values from them.
         return {**fields, "prompt_token_ids": prepared.prompt_ids}
+
+    def _discard_run(self, future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        run_id = future.result().get("activation_run_id")
+        if run_id:
+            try:
+                self.store.delete_run(run_id)
+            except CaptureError as exc:  # evicted meanwhile, or a read-only store: nothing more to do
+                log.warning("could not discard run %s of a client that left: %s", run_id, exc.detail)
 
     def _check_capture_size(self, plan, max_tokens: int, options: dict, prompt_len: int = 0) -> int:
         """Refuse, before generating, a request whose capture could exceed --max-capture-mb; its worst-case bytes.
@@ -236,6 +265,16 @@ class CaptureService:
                 "ask for fewer tokens, savepoints or a smaller dtype"
             )
         return total
+
+    def _check_context(self, model, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a request whose prompt plus max_tokens does not fit the model's context."""
+        context = getattr(model, "context_length", None)
+        if context is not None and prompt_tokens + max_tokens > context:
+            raise BadRequest(
+                f"this model's context length is {context} tokens, and this request asks for "
+                f"{prompt_tokens + max_tokens}: {prompt_tokens} prompt tokens + max_tokens {max_tokens}; "
+                "shorten the prompt or lower max_tokens"
+            )
 
     # -- steps of a request, one responsibility each ----------------------------
 
@@ -285,7 +324,9 @@ class CaptureService:
         from .nnsight_core import GenerationParams, GenerationRequest
 
         prompt_ids = chat.encode_raw(model.tokenizer, req.prompt)
+        self._check_context(model, len(prompt_ids), max_new)
         plan = self._plan(model, DEFAULT_SAVEPOINTS)
+        # Its logits capture counts against --max-capture-mb and the capture budget like any other capture.
         capture_bytes = self._check_capture_size(plan, max_new, {"tokens": "all", "dtype": model.info.dtype})
         with self.budget.reserve(capture_bytes):  # its logits are held on the host like any capture
             generation = await worker.generate(

@@ -20,6 +20,8 @@ class Settings:
     default_max_tokens: int = 16
     log_level: str = "info"
     max_batch: int | None = None  # concurrent greedy requests per generate; None: 8 for float32 models, else 1
+    max_batch_tokens: int = 8192  # padded size of one batched generate: rows x (longest prompt + longest max_tokens)
+    max_loaded_models: int = 4  # /models/load refuses (409) beyond this many
     api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer <key>"
     max_body_bytes: int = 1 << 20
     max_savepoints: int = 64

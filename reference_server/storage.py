@@ -9,7 +9,9 @@ client text; lookups go through the manifest, so ``../x`` can name nothing.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,8 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import NotFound, StorageFull
+from .errors import Forbidden, NotFound, StorageFull
 
+log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MANIFEST = "manifest.json"
 EXTENSIONS = {"pt": "pt", "safetensors": "safetensors"}
@@ -60,11 +63,34 @@ class RunStore:
         self.policy = policy
         self._staging = self.root / ".staging"
         shutil.rmtree(self._staging, ignore_errors=True)  # leftovers of a crash are never valid runs
-        self._staging.mkdir()
+        try:
+            self._staging.mkdir(exist_ok=True)
+        except OSError as exc:  # a read-only disk: serve what is stored, answer 507 to new captures
+            log.warning("storage %s is not writable (%s): captures will be refused with 507", self.root, exc.strerror)
         self._lock = threading.Lock()
         # run id -> bytes on disk, oldest first: what retention evicts.
-        runs = sorted((p for p in self.root.iterdir() if _RUN_ID.match(p.name)), key=lambda p: p.stat().st_mtime)
-        self._sizes: OrderedDict[str, int] = OrderedDict((p.name, _dir_bytes(p)) for p in runs)
+        runs = sorted(self._valid_runs(), key=lambda item: item[1])
+        self._sizes: OrderedDict[str, int] = OrderedDict((run_id, size) for run_id, _, size in runs)
+
+    def _valid_runs(self) -> list[tuple[str, float, int]]:
+        """(run id, mtime, bytes) of each stored run; anything else named like one is skipped and logged.
+
+        A stray file, a symlink (dangling or not) or a directory whose manifest does
+        not parse is not a run this server wrote: it must neither stop the server
+        from starting nor be served.
+        """
+        runs = []
+        for path in self.root.iterdir():
+            if not _RUN_ID.match(path.name):
+                continue
+            try:
+                if path.is_symlink() or not path.is_dir():
+                    raise ValueError("not a directory")
+                _read_manifest(path)
+                runs.append((path.name, path.stat().st_mtime, _dir_bytes(path)))
+            except (OSError, ValueError) as exc:
+                log.warning("storage: skipping %s, which is not a valid run (%s)", path.name, exc)
+        return runs
 
     def used_bytes(self) -> int:
         return sum(self._sizes.values())
@@ -77,7 +103,11 @@ class RunStore:
         while self.used_bytes() + needed > self.max_bytes:
             if self.policy == "refuse" or not self._sizes:
                 raise StorageFull(f"storage limit of {self.max_bytes} bytes reached (--max-storage-mb); delete runs to make room")
-            self._remove(next(iter(self._sizes)))
+            oldest = next(iter(self._sizes))
+            try:
+                self._remove(oldest)
+            except FileNotFoundError:  # removed behind the server's back: its bytes are free already
+                self._sizes.pop(oldest, None)
 
     def write_run(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None = None) -> tuple[str, dict[str, StoredFile]]:
         needed = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -85,8 +115,12 @@ class RunStore:
             self._make_room(needed)
             try:
                 return self._write(tensors, fmt, extra)
-            except OSError as exc:
-                raise StorageFull(f"could not store the capture: {exc.strerror or exc}") from None
+            except Exception as exc:
+                # A full disk shows up as OSError (ENOSPC, EFBIG), as RuntimeError from
+                # torch.save's zip writer, or as SafetensorError: all are "could not store".
+                log.warning("storing a capture failed: %s: %s", type(exc).__name__, exc)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+                raise StorageFull(f"could not store the capture: {reason}") from None
 
     def _write(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None) -> tuple[str, dict[str, StoredFile]]:
         run_id = uuid.uuid4().hex
@@ -102,7 +136,10 @@ class RunStore:
                 if fmt == "safetensors":
                     save_file({name: tensor}, str(tmp))
                 else:
-                    torch.save(tensor, tmp)
+                    # Our own handle, closed on failure at once: a handle left to the failed
+                    # writer's traceback keeps a full disk full until the garbage collector runs.
+                    with open(tmp, "wb") as f:
+                        torch.save(tensor, f)
                 os.replace(tmp, final)
                 stored[name] = StoredFile(
                     name=name,
@@ -130,33 +167,86 @@ class RunStore:
         if not _RUN_ID.match(run_id):
             raise NotFound(f"no run {run_id!r}")
         run_dir = self.root / run_id
-        if not (run_dir / MANIFEST).is_file():
+        # A symlink planted in the storage directory could point anywhere: runs are real directories.
+        if run_dir.is_symlink() or not (run_dir / MANIFEST).is_file():
             raise NotFound(f"no run {run_id!r}")
         return run_dir
 
     def manifest(self, run_id: str) -> dict:
-        return json.loads((self._run_dir(run_id) / MANIFEST).read_text())
+        run_dir = self._run_dir(run_id)
+        try:
+            return _read_manifest(run_dir)
+        except FileNotFoundError:  # deleted between the check and the read
+            raise NotFound(f"no run {run_id!r}") from None
+        except (OSError, ValueError) as exc:
+            log.warning("storage: run %s has a damaged manifest: %s", run_id, exc)
+            raise NotFound(f"run {run_id!r} is damaged (its manifest cannot be read)") from None
 
     def file_path(self, run_id: str, name: str) -> Path:
         files = self.manifest(run_id)["files"]
         if name not in files:
             raise NotFound(f"run {run_id!r} has no file {name!r}")
-        path = self.root / run_id / files[name]["file"]
+        run_dir = (self.root / run_id).resolve()
+        path = (run_dir / str(files[name].get("file", ""))).resolve()
+        # The manifest is data on disk: a planted "../../etc/passwd" or a symlinked file must not be served.
+        if path.parent != run_dir or not run_dir.is_relative_to(self.root):
+            log.warning("storage: run %s names a file outside itself for %r; refused", run_id, name)
+            raise NotFound(f"the file of {name!r} in run {run_id!r} is missing from storage")
         if not path.is_file():  # removed behind the server's back
             raise NotFound(f"the file of {name!r} in run {run_id!r} is missing from storage")
         return path
 
+    def open_file(self, run_id: str, name: str):
+        """An open binary file of a run's tensor and its size.
+
+        The file is opened before the answer starts: a DELETE of the same run after
+        this point removes the name, not the open file, so the download completes
+        whole; a DELETE before it makes this a 404.
+        """
+        path = self.file_path(run_id, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise NotFound(f"no run {run_id!r}") from None
+        except OSError as exc:  # ELOOP: the file became a symlink
+            log.warning("storage: cannot open %s: %s", path, exc)
+            raise NotFound(f"the file of {name!r} in run {run_id!r} is missing from storage") from None
+        handle = os.fdopen(fd, "rb")
+        return handle, os.fstat(fd).st_size
+
     def delete_run(self, run_id: str) -> None:
-        self._run_dir(run_id)
         with self._lock:
-            self._remove(run_id)
+            self._run_dir(run_id)  # under the lock: two DELETEs of one run are one 204 and one 404
+            try:
+                self._remove(run_id)
+            except FileNotFoundError:
+                raise NotFound(f"no run {run_id!r}") from None
+            except OSError as exc:
+                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    log.warning("storage: cannot delete run %s: %s", run_id, exc)
+                    raise Forbidden(f"run {run_id!r} was not deleted: the storage is not writable ({exc.strerror})") from None
+                raise
 
     def _remove(self, run_id: str) -> None:
         # Rename first so the run disappears at once even if removal is slow.
+        self._staging.mkdir(exist_ok=True)
         trash = self._staging / f"deleted-{run_id}"
         os.replace(self.root / run_id, trash)
         shutil.rmtree(trash, ignore_errors=True)
         self._sizes.pop(run_id, None)
+
+
+def _read_manifest(run_dir: Path) -> dict:
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(entry, dict) for entry in manifest["files"].values()):
+        raise ValueError("manifest is not a run manifest")
+    return manifest
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _dir_bytes(path: Path) -> int:

@@ -67,6 +67,14 @@ CHAT_CASES = [
     Case("unknown-dtype", body=_capture(dtype="float64"), expect=(422,)),
     Case("unknown-format", body=_capture(format="npy"), expect=(422,)),
     Case("unknown-tokens", body=_capture(tokens="middle"), expect=(422,)),
+    # What Python's json (and many servers' parsers) accept but JSON and Unicode do not:
+    # refused with a 4xx whose body is itself valid JSON, not a 500 (docs/protocol.md).
+    Case("temperature-nan", raw=b'{"model": "{model}", "messages": [{"role": "user", "content": "Hi"}], '
+                                b'"max_tokens": 2, "temperature": NaN}'),
+    Case("max-tokens-1e400", raw=b'{"model": "{model}", "messages": [{"role": "user", "content": "Hi"}], '
+                                 b'"max_tokens": 1e400}'),
+    Case("content-lone-surrogate", raw=b'{"model": "{model}", "messages": [{"role": "user", "content": "a\\ud800b"}], '
+                                       b'"max_tokens": 2}'),
 ]
 
 OTHER_CASES = [
@@ -94,7 +102,8 @@ def real_run(capture_runs) -> str:
 def _send(capture_client, capture_model, case: Case, run_id: str):
     path = case.path.replace("{run}", run_id)
     if case.raw is not None:
-        return capture_client.request(case.method, path, data=case.raw, headers={"Content-Type": "application/json"})
+        raw = case.raw.replace(b"{model}", capture_model.encode())
+        return capture_client.request(case.method, path, data=raw, headers={"Content-Type": "application/json"})
     if case.method != "POST":
         return capture_client.request(case.method, path)
     if case.replace:

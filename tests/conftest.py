@@ -99,7 +99,7 @@ def server_process(tmp_path_factory, tiny_model_dir):
 
 def stored_run_ids(store) -> list[str]:
     """The run directories a store holds on disk (the staging area aside), sorted."""
-    return sorted(p.name for p in store.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in store.root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
 
 
 def chat_body(content: str = "Tell me a short story about a fox.", max_tokens: int = 5, *,

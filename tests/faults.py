@@ -674,3 +674,16 @@ def _non_text_part_500(t: Target) -> None:
             if any(isinstance(p, dict) and p.get("type") != "text" for p in parts):
                 return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
         return await call_next(request)
+
+
+# -- issue 15 --
+
+
+@fault("validation_echo_500", "bad_input",
+       "the stock validation handler echoes NaN, 1e400 or a lone surrogate back and answers 500")
+def _validation_echo(t: Target) -> None:
+    from fastapi.exception_handlers import request_validation_exception_handler
+    from fastapi.exceptions import RequestValidationError
+
+    # FastAPI's own handler: its 422 carries the input, which strict JSON cannot encode.
+    t.app.add_exception_handler(RequestValidationError, request_validation_exception_handler)

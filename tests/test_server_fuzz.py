@@ -7,6 +7,8 @@ Generation is capped at 3 tokens so the budget buys breadth, not decoding.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +21,7 @@ from conftest import make_client
 
 FUZZ_EXAMPLES = 25
 HYPOTHESIS_EXAMPLES = 150
+HOSTILE_EXAMPLES = 120
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +89,72 @@ def test_capture_options_never_5xx_and_valid_ones_keep_the_shape_contract(fuzz_a
             assert meta["shape"][:2] == [1, steps]
     else:
         assert response.status_code in (400, 404, 413, 422), response.text
+
+
+# -- hostile scalars (issue 15): what json.loads yields that no schema example does ----------
+
+class Raw(str):
+    """A number literal written into the body as is: 1e400, 400-digit integers."""
+
+
+hostile_scalar = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([float("nan"), float("inf"), -float("inf"), 2**64, 2**64 - 1, -(2**63) - 1, 2**63, 0, -1, 1e-300, 5e-324]),
+    st.integers(min_value=-(2**200), max_value=2**200),
+    st.sampled_from([Raw("1e400"), Raw("-1e400"), Raw("1" + "0" * 400), Raw("-0.0"), Raw("1E-400")]),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(["true", "1", "0.5", "", "NaN"]),
+    # Lone surrogates (category Cs) among ordinary characters: not Unicode text.
+    st.text(alphabet=st.one_of(st.characters(codec="utf-8"), st.characters(categories=["Cs"])), max_size=6),
+    st.lists(st.one_of(st.none(), st.booleans(), st.floats(), st.text(max_size=3)), max_size=3),
+)
+CHAT_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop", "stream",
+               "store_activations", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "tools",
+               "response_format", "model", "user", "stream_options"]
+
+
+def dumps_hostile(body: dict) -> bytes:
+    raws: list[str] = []
+
+    def mark(value):
+        if isinstance(value, Raw):
+            raws.append(value)
+            return f"@@RAW{len(raws) - 1}@@"
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    # ensure_ascii writes a lone surrogate as the escape \ud800, as a client's encoder would.
+    text = json.dumps(mark(body), allow_nan=True, ensure_ascii=True)
+    for i, literal in enumerate(raws):
+        text = text.replace(f'"@@RAW{i}@@"', literal)
+    return text.encode()
+
+
+def strict_json(content: bytes):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(content, parse_constant=refuse)
+
+
+@settings(max_examples=HOSTILE_EXAMPLES, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(fields=st.dictionaries(st.sampled_from(CHAT_FIELDS), hostile_scalar, min_size=1, max_size=3),
+       content=st.one_of(st.just("Say OK."), hostile_scalar), path=st.sampled_from(["chat", "chat", "chat", "pure"]))
+def test_hostile_scalars_are_served_or_a_clean_4xx(fuzz_app, fields, content, path):
+    if path == "pure":
+        body = {"prompt": content, **{k: v for k, v in fields.items() if k == "model"}, "max_new_tokens": fields.get("max_tokens", 1)}
+        url = "/test_pure_nnsight"
+    else:
+        body = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": content}], "max_tokens": 2,
+                "temperature": 0, **fields}
+        url = "/v1/chat/completions"
+    response = fuzz_app.post(url, content=dumps_hostile(body), headers={"content-type": "application/json"})
+    assert response.status_code in (200, 400, 404, 413, 422), (response.status_code, response.text[:500])
+    assert "Traceback" not in response.text
+    if response.headers["content-type"].startswith("application/json"):
+        strict_json(response.content)  # the answer itself is strict JSON: no NaN, no lone surrogate
