@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-timeout", type=float, help="seconds per request (default 120)")
     run.add_argument("--startup-timeout", type=float, help="seconds for a started server to get ready (default 300)")
     run.add_argument("-v", "--verbose", action="store_true", help="one line per test")
+    snaps = parser.add_argument_group("shape snapshots (regression, recorded on the first run of a model)")
+    snaps.add_argument("--snapshot-dir", help="where the per-model sets are read and recorded (default: "
+                                              "./capture-snapshots; the set shipped for tiny-qwen3 is also read)")
+    snaps.add_argument("--snapshot-update", action="store_true", help="rewrite the snapshots of this run")
+    snaps.add_argument("--ci", action="store_true", help="a missing snapshot fails instead of being recorded "
+                                                         "(also when the environment has CI=true)")
     return parser
 
 
@@ -53,10 +59,13 @@ def pytest_args(options: argparse.Namespace, extra: list[str]) -> list[str]:
     args = [str(SUITES_DIR), "--profile", options.profile, "--conformance-report", str(report_dir),
             f"--junitxml={report_dir / JUNIT_FILE}", "-p", "no:cacheprovider", "-v" if options.verbose else "-q"]
     for flag in ("host", "port", "launch", "api_key", "model", "expect_vocab", "expect_hidden", "expect_layers",
-                 "request_timeout", "startup_timeout"):
+                 "request_timeout", "startup_timeout", "snapshot_dir"):
         value = getattr(options, flag)
         if value is not None:
             args += [f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ("snapshot_update", "ci"):
+        if getattr(options, flag):
+            args.append(f"--{flag.replace('_', '-')}")
     return args + extra
 
 

@@ -15,7 +15,7 @@ from harness.client import CaptureClient, ServerFault
 from harness.ground_truth import GroundTruth, resolve_ground_truth
 from harness.plugin import STATE, Options, Target, acquire_target
 from harness.runs import CaptureRuns
-from harness.snapshots import DEFAULT_ROOT, ShapeSnapshot
+from harness.snapshots import ShapeSnapshot, ci_from_env
 
 
 @pytest.fixture(scope="session")
@@ -93,11 +93,13 @@ def capture_runs(capture_client: CaptureClient, capture_model: str) -> CaptureRu
 
 
 @pytest.fixture
-def shape_snapshot(snapshot, capture_model: str, ground_truth: GroundTruth, capture_options: Options,
-                   pytestconfig: pytest.Config) -> ShapeSnapshot:
-    root = Path(capture_options.snapshot_dir) if capture_options.snapshot_dir else DEFAULT_ROOT
-    return ShapeSnapshot(snapshot, capture_model, root, ground_truth.dims(),
-                         updating=bool(pytestconfig.getoption("update_snapshots", False)))
+def shape_snapshot(request: pytest.FixtureRequest, capture_model: str, ground_truth: GroundTruth,
+                   capture_options: Options, pytestconfig: pytest.Config) -> ShapeSnapshot:
+    root = Path(capture_options.snapshot_dir) if capture_options.snapshot_dir else None
+    # --snapshot-update is syrupy's option (syrupy is a dependency; its name is the one people know).
+    return ShapeSnapshot(node=request.node, model_id=capture_model, dims=ground_truth.dims(), root=root,
+                         updating=bool(pytestconfig.getoption("update_snapshots", False)),
+                         ci=capture_options.ci or ci_from_env())
 
 
 def _record_fact(config: pytest.Config, key: str, value: object) -> None:

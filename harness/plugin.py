@@ -105,7 +105,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--startup-timeout", type=float, default=300.0,
                     help="seconds allowed for a started server to become ready (default 300)")
     group.addoption("--snapshot-dir", default=None,
-                    help="root of the per-model shape snapshot sets (default: the suites' __snapshots__)")
+                    help="root of the per-model shape snapshot sets, read and written (default: ./capture-snapshots "
+                         "in the working directory; the set shipped with the suites is read when that has none). "
+                         "A missing snapshot is recorded; --snapshot-update rewrites them")
+    group.addoption("--ci", action="store_true", default=False,
+                    help="CI run: a missing shape snapshot fails instead of being recorded (also when CI=true)")
     group.addoption("--conformance-report", default=None, metavar="DIR",
                     help="write conformance-report.json into DIR and print the per-area table")
 
@@ -124,13 +128,14 @@ class Options:
     request_timeout: float
     startup_timeout: float
     snapshot_dir: str | None
+    ci: bool = False
 
     @classmethod
     def of(cls, config: pytest.Config) -> "Options":
         get = config.getoption
         return cls(get("host"), get("port"), get("api_key"), get("model"), get("expect_vocab"),
                    get("expect_hidden"), get("expect_layers"), get("profile"), get("launch"),
-                   get("request_timeout"), get("startup_timeout"), get("snapshot_dir"))
+                   get("request_timeout"), get("startup_timeout"), get("snapshot_dir"), get("ci"))
 
     @property
     def remote_url(self) -> str | None:

@@ -19,6 +19,7 @@ import pytest
 
 from harness import PROTOCOL_VERSION
 from harness.html_report import HTML_FILE, write_html
+from harness.snapshots import USER_PROPERTY
 
 REPORT_FILE = "conformance-report.json"
 AREAS = ["health", "models", "chat", "single_token", "multi_token", "savepoints", "dtype_size", "out_of_order",
@@ -42,6 +43,7 @@ class CaseResult:
     outcome: str  # passed, failed, error, skipped
     duration_s: float = 0.0
     message: str = ""
+    snapshot: dict | None = None  # {"outcome": recorded|compared|updated, "path", "model"} for snapshot tests
 
 
 @dataclass
@@ -100,6 +102,21 @@ def summarize(results: list[CaseResult]) -> Summary:
     return summary
 
 
+def snapshot_summary(results: list[CaseResult]) -> dict[str, Any]:
+    """Which snapshot tests recorded, updated or compared their snapshot, and where the files are."""
+    out: dict[str, Any] = {"recorded": [], "updated": [], "compared": [], "dirs": []}
+    for result in results:
+        snap = result.snapshot
+        if not snap or snap.get("outcome") not in ("recorded", "updated", "compared"):
+            continue
+        out[snap["outcome"]].append(result.nodeid.split("::", 1)[-1])
+        # <root>/<model>/<module>/<test>.json: the model's directory is what a person commits
+        model_dir = str(Path(snap.get("path", "")).parent.parent)
+        if snap["outcome"] != "compared" and model_dir not in out["dirs"]:
+            out["dirs"].append(model_dir)
+    return out
+
+
 def _message(report: pytest.TestReport) -> str:
     longrepr = report.longrepr
     if longrepr is None:
@@ -141,6 +158,9 @@ class ConformanceReport:
         if result is None:
             result = self.results[report.nodeid] = CaseResult(report.nodeid, area_of(report.nodeid), "passed")
         result.duration_s += report.duration
+        for key, value in getattr(report, "user_properties", None) or ():
+            if key == USER_PROPERTY and isinstance(value, dict):
+                result.snapshot = value
         if report.when == "call":
             if report.failed:
                 result.outcome, result.message = "failed", _message(report)
@@ -193,6 +213,7 @@ class ConformanceReport:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "duration_s": round(time.time() - self.started, 2),
             "python": platform.python_version(),
+            "snapshots": snapshot_summary(list(self.results.values())),
             "areas": {name: {**asdict(area)} for name, area in summary.areas.items()},
             "tests": [asdict(r) for r in self.results.values()],
         }
@@ -222,6 +243,11 @@ class ConformanceReport:
                 if skipped:
                     first = f"(skipped: {skipped[0].message.splitlines()[0][:100] if skipped[0].message else ''})"
             lines.append(f"{name:<14}{area.passed:>7}{failed:>7}{area.skipped:>8}  {first}")
+        snaps = report["snapshots"]
+        if snaps["recorded"] or snaps["updated"] or snaps["compared"]:
+            parts = [f"{len(snaps[k])} {k}" for k in ("recorded", "updated", "compared") if snaps[k]]
+            where = f" in {', '.join(snaps['dirs'])}" if snaps["dirs"] else ""
+            lines.append(f"shape snapshots: {', '.join(parts)}{where}")
         verdict = "PASSED" if summary.passed else "FAILED"
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
         lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")

@@ -20,6 +20,8 @@ from harness.checks import (
     rounding_tolerance,
 )
 
+from harness.stops import stop_for
+
 STEP_COUNTS = [1, 2, 5, 16]
 # The smoke profile keeps one multi-token case, so a smoke run still tells single- from multi-token capture.
 STEP_COUNTS_SMOKE_5 = [pytest.param(n, marks=pytest.mark.smoke) if n == 5 else n for n in STEP_COUNTS]
@@ -72,9 +74,10 @@ def test_early_end_of_sequence_ends_the_capture_too(capture_runs, ground_truth):
     how = f"{prompts.SHORT_ANSWER!r} with max_tokens {EARLY_STOP_BUDGET}"
     if completion.finish_reason == "length":
         # The model never stopped on its own: end it with a stop string from its own greedy output instead.
-        words = completion.content.split()
-        assert len(words) >= 3, f"cannot pick a stop string from the greedy output {completion.content!r}"
-        stop = words[2]
+        pick = stop_for(capture_runs, prompts.SHORT_ANSWER, completion, tokenizer=ground_truth.tokenizer)
+        assert pick is not None, (
+            f"cannot cut a stop string at a token boundary of the greedy output {completion.content!r}")
+        stop = pick.stop
         completion = capture_runs.chat(prompts.SHORT_ANSWER, EARLY_STOP_BUDGET, store_activations=True, stop=[stop])
         how = (f"the model did not stop on its own for {prompts.SHORT_ANSWER!r}, so stop={stop!r} from its own "
                f"greedy output ended it")
