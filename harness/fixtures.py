@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.client import CaptureClient, ServerFault
+from harness.features import Features
 from harness.ground_truth import GroundTruth, resolve_ground_truth
 from harness.plugin import STATE, Options, Target, acquire_target
 from harness.runs import CaptureRuns
@@ -85,6 +86,11 @@ def ground_truth(capture_model: str, capture_client: CaptureClient, capture_opti
         pytest.fail(f"no ground truth for {capture_model}: no local config.json, no --expect-vocab/--expect-hidden, "
                     f"and the server's /v1/models gives no capture block", pytrace=False)
     return truth
+
+
+@pytest.fixture(scope="session")
+def capture_features(capture_client: CaptureClient, capture_model: str) -> Features:
+    return Features(capture_client, capture_model)
 
 
 @pytest.fixture(scope="session")

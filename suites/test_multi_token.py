@@ -17,6 +17,7 @@ from harness.checks import (
     expect_shape,
     expect_tensor_matches_meta,
     expect_token_counts,
+    generated_count,
     rounding_tolerance,
 )
 
@@ -35,19 +36,22 @@ def _default_capture(capture_runs, steps: int, prompt: str = prompts.STORY, cach
 @pytest.mark.parametrize("steps", STEP_COUNTS)
 def test_all_token_logits_have_one_step_per_generated_token(capture_runs, ground_truth, steps):
     completion = _default_capture(capture_runs, steps)
-    n = expect_token_counts(completion, expected_steps=steps)
+    # The capture's own shape first: a wrong shape is the defect to name, not an id/usage mismatch after it.
+    n = generated_count(completion)
     expect_shape(completion.savepoint("_logits"), [1, n, ground_truth.vocab_size], ground_truth, steps=n,
                  context="store_activations: true")
+    expect_token_counts(completion, expected_steps=steps, tokenizer=ground_truth.tokenizer)
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS_SMOKE_5)
 def test_greedy_argmax_is_the_generated_token_at_every_step(capture_runs, ground_truth, steps):
     completion = _default_capture(capture_runs, steps)
-    n = expect_token_counts(completion, expected_steps=steps)
+    n = generated_count(completion)
     meta = completion.savepoint("_logits")
     expect_shape(meta, [1, n, ground_truth.vocab_size], ground_truth, steps=n, context="store_activations: true")
     tensor = capture_runs.tensor(completion, "_logits")
     expect_tensor_matches_meta(tensor, meta)
+    expect_token_counts(completion, expected_steps=steps, tokenizer=ground_truth.tokenizer)
     expect_argmax_matches(tensor, completion.token_ids, name="_logits")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness import prompts
-from harness.checks import expect_argmax_matches, expect_shape, expect_token_counts
+from harness.checks import expect_argmax_matches, expect_shape, expect_token_counts, generated_count
 
 STEPS = 5
 PURE_STEPS = 6
@@ -14,9 +14,10 @@ PURE_STEPS = 6
 @pytest.mark.smoke
 def test_first_token_capture_is_step_0(capture_runs, ground_truth):
     completion = capture_runs.capture(prompts.STORY, STEPS, tokens="first")
-    n = expect_token_counts(completion, expected_steps=STEPS)
     meta = completion.savepoint("_logits")
-    expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=n, context="tokens: first")
+    expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=generated_count(completion),
+                 context="tokens: first")
+    expect_token_counts(completion, expected_steps=STEPS, tokenizer=ground_truth.tokenizer)
     expect_argmax_matches(capture_runs.tensor(completion, "_logits"), completion.token_ids, name="_logits (first)")
 
 
@@ -34,9 +35,9 @@ def test_last_token_capture_is_the_last_step(capture_runs, ground_truth):
 
 def test_one_new_token_gives_one_step(capture_runs, ground_truth):
     completion = capture_runs.chat(prompts.STORY, 1, store_activations=True)
-    n = expect_token_counts(completion, expected_steps=1)
-    expect_shape(completion.savepoint("_logits"), [1, 1, ground_truth.vocab_size], ground_truth, steps=n,
-                 context="max_tokens 1")
+    expect_shape(completion.savepoint("_logits"), [1, 1, ground_truth.vocab_size], ground_truth,
+                 steps=generated_count(completion), context="max_tokens 1")
+    expect_token_counts(completion, expected_steps=1, tokenizer=ground_truth.tokenizer)
     expect_argmax_matches(capture_runs.tensor(completion, "_logits"), completion.token_ids, name="_logits")
 
 
