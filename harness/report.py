@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from harness import PROTOCOL_VERSION
+from harness.diagnoses import group as group_causes
+from harness.diagnoses import missing_features
 from harness.html_report import HTML_FILE, write_html
 from harness.snapshots import USER_PROPERTY
 
@@ -214,6 +216,8 @@ class ConformanceReport:
             "duration_s": round(time.time() - self.started, 2),
             "python": platform.python_version(),
             "snapshots": snapshot_summary(list(self.results.values())),
+            "diagnoses": group_causes(self.results.values(), AREAS + OPTIONAL_AREAS),
+            "missing_from_protocol_v1": missing_features(self.results.values()),
             "areas": {name: {**asdict(area)} for name, area in summary.areas.items()},
             "tests": [asdict(r) for r in self.results.values()],
         }
@@ -243,6 +247,14 @@ class ConformanceReport:
                 if skipped:
                     first = f"(skipped: {skipped[0].message.splitlines()[0][:100] if skipped[0].message else ''})"
             lines.append(f"{name:<14}{area.passed:>7}{failed:>7}{area.skipped:>8}  {first}")
+        if report["diagnoses"]:
+            lines.append("diagnoses (root causes, most basic first):")
+            for entry in report["diagnoses"]:
+                count = f"{entry['count']} test{'s' if entry['count'] != 1 else ''}"
+                lines.append(f"  {count:>9}  {entry['cause'][:100]}  [{', '.join(entry['areas'])}]")
+        for entry in report["missing_from_protocol_v1"]:
+            lines.append(f"missing from protocol v1: {entry['feature']} ({entry['tests']} tests skipped): "
+                         f"{entry['why'][:100]}")
         snaps = report["snapshots"]
         if snaps["recorded"] or snaps["updated"] or snaps["compared"]:
             parts = [f"{len(snaps[k])} {k}" for k in ("recorded", "updated", "compared") if snaps[k]]
