@@ -99,7 +99,8 @@ def expect_token_counts(completion: Completion, *, expected_steps: int | None = 
             f"prompt that writes on), got {len(ids)} (finish_reason={completion.finish_reason!r}): {ids}"
         )
     if usage.completion_tokens != len(ids):
-        raise AssertionError(usage_diagnosis(usage.completion_tokens, ids, completion.content, tokenizer))
+        raise AssertionError(usage_diagnosis(usage.completion_tokens, ids, completion.content,
+                                             tokenizer if tokenizer is not None else completion.tokenizer))
     return len(ids)
 
 

@@ -21,7 +21,9 @@ from harness.features import MISSING
 # (rank: lower is more basic, pattern searched in the first line, cause)
 KNOWN: list[tuple[int, str, str]] = [
     (0, r"cannot reach|got no answer within|is gone; log tail", "the server does not answer"),
-    (5, r"(?P<what>(?:POST|GET|DELETE) /\S+) answered (?P<code>5\d\d)", "{what} answers {code} (a server error)"),
+    (1, r"^missing from protocol v1: (?P<feature>.+?) \(", "missing from protocol v1: {feature}"),
+    (5, r"^expected 4\d\d.* answered (?P<code>5\d\d)", "a client mistake is answered {code}, not 4xx"),
+    (6, r"(?P<what>(?:POST|GET|DELETE) /\S+) answered (?P<code>5\d\d)", "{what} answers {code} (a server error)"),
     (10, r"has no activations_meta", "capture asked for, but no activations_meta in the response"),
     (11, r"^extra dimensions", "extra dimensions: the capture has a size-1 dimension too many"),
     (12, r"^wrong number of dimensions", "wrong number of dimensions in the capture"),
@@ -29,7 +31,7 @@ KNOWN: list[tuple[int, str, str]] = [
     (14, r"^truncated last dimension", "truncated last dimension (features cut)"),
     (15, r"^metadata and file disagree", "metadata and file disagree"),
     (16, r"savepoint .* missing from activations_meta", "requested savepoints are not captured"),
-    (20, r"usage counts nothing", "usage counts nothing (zeros)"),
+    (20, r"usage counts nothing|usage\.prompt_tokens is 0\b", "usage counts nothing (zeros)"),
     (21, r"usage counts a re-tokenisation", "usage counts a re-tokenisation of the reply"),
     (22, r"usage\.completion_tokens is \d+ but completion_token_ids has", "usage disagrees with the generated ids"),
     (30, r"greedy argmax of .* differs", "captured logits do not produce the generated ids"),

@@ -94,8 +94,13 @@ def capture_features(capture_client: CaptureClient, capture_model: str) -> Featu
 
 
 @pytest.fixture(scope="session")
-def capture_runs(capture_client: CaptureClient, capture_model: str) -> CaptureRuns:
-    return CaptureRuns(capture_client, capture_model)
+def capture_runs(capture_client: CaptureClient, capture_model: str, request: pytest.FixtureRequest) -> CaptureRuns:
+    runs = CaptureRuns(capture_client, capture_model)
+    try:  # the tokenizer only sharpens usage diagnoses: a run without ground truth still gets its runs
+        runs.tokenizer = request.getfixturevalue("ground_truth").tokenizer
+    except (Exception, pytest.fail.Exception, pytest.skip.Exception):  # outcomes are not Exceptions
+        runs.tokenizer = None
+    return runs
 
 
 @pytest.fixture

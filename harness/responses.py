@@ -116,6 +116,8 @@ class Completion:
 
     body: dict
     request: dict
+    # The model's tokenizer when the harness has one: lets a usage check say what usage counted instead.
+    tokenizer: Any = None
 
     @property
     def choice(self) -> dict:

@@ -24,6 +24,7 @@ class CaptureRuns:
         self._completions: dict[str, Completion] = {}
         self._files: dict[tuple[str, str], bytes] = {}
         self._lock = threading.Lock()
+        self.tokenizer: Any = None  # set by the fixture once the ground truth is known; see Completion.tokenizer
 
     def request_body(self, messages: Sequence[Mapping[str, str]] | str, max_tokens: int | None,
                      **extra: Any) -> dict:
@@ -45,7 +46,7 @@ class CaptureRuns:
                 if key in self._completions:
                     return self._completions[key]
         answer = self.client.post("/v1/chat/completions", body)
-        completion = Completion(answer.ok_json(), body)
+        completion = Completion(answer.ok_json(), body, self.tokenizer)
         if cached:
             with self._lock:
                 self._completions.setdefault(key, completion)

@@ -77,8 +77,9 @@ def symbolic_shape(shape: list[int], *, steps: int | None, tokens: str, dims: di
 
 def capture_record(completion: "Completion", *, dims: dict[str, int], steps: int | None = None) -> dict[str, Any]:
     """The snapshot of one capture: metadata of every savepoint, nothing run-specific."""
-    if steps is None:
-        steps = completion.usage.completion_tokens
+    if steps is None:  # N from the ids where the response has them: usage is checked elsewhere, not here
+        ids = completion.body.get("completion_token_ids")
+        steps = len(ids) if isinstance(ids, list) and ids else completion.usage.completion_tokens
     record: dict[str, Any] = {}
     for name, meta in sorted(completion.meta.items()):
         tokens = meta.raw.get("tokens", "all")

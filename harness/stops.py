@@ -64,7 +64,8 @@ def stop_for(capture_runs, prompt, completion, *, tokenizer=None, extra: dict | 
 
         if decoded(len(ids)) == content:
             return pick_stop(content, decoded, len(ids))
-    steps = len(ids) if isinstance(ids, list) and ids else completion.usage.completion_tokens
+    # Not usage: a server may count wrongly; the request's budget bounds the boundaries to try.
+    steps = len(ids) if isinstance(ids, list) and ids else int(completion.request.get("max_tokens") or 16)
 
     def served(k: int) -> str | None:
         # the server's own greedy text for the first k tokens: no tokenizer needed

@@ -85,10 +85,15 @@ def test_max_tokens_is_honoured(capture_runs, ground_truth, max_tokens):
         f"stopping at max_tokens should give finish_reason 'length', got {completion.finish_reason!r}")
 
 
-def test_max_completion_tokens_is_honoured(capture_runs):
+def test_max_completion_tokens_is_honoured(capture_runs, ground_truth):
     completion = capture_runs.chat(prompts.STORY, None, max_completion_tokens=4)
-    assert completion.usage.completion_tokens == 4, (
-        f"max_completion_tokens=4 gave {completion.usage.completion_tokens} tokens")
+    counted = completion.usage.completion_tokens
+    if counted != 4:
+        ids = _generated_ids(capture_runs, 4)
+        if ids is not None and len(ids) == 4 and len(completion.content) > 0:
+            raise AssertionError("max_completion_tokens=4 gave 4 completion_token_ids (max_tokens=4), but "
+                                 + usage_diagnosis(counted, ids, completion.content, _tokenizer_if_any(ground_truth)))
+        raise AssertionError(f"max_completion_tokens=4 gave {counted} tokens")
 
 
 def test_stop_string_ends_the_completion_before_it(capture_runs, ground_truth):
@@ -104,6 +109,9 @@ def test_stop_string_ends_the_completion_before_it(capture_runs, ground_truth):
         f"{text!r}) should end with finish_reason 'stop', got {stopped.finish_reason!r} and content {stopped.content!r}")
     assert stopped.content == expected, (
         f"with stop={stop!r} the content should be the greedy text up to it, {expected!r}; got {stopped.content!r}")
+    assert free.usage.completion_tokens > 0, (
+        f"usage counts nothing: usage.completion_tokens is 0 for the reply {text!r}; cannot tell whether "
+        f"stop={stop!r} shortened generation")
     assert stopped.usage.completion_tokens < free.usage.completion_tokens, (
         f"stop={stop!r} did not shorten generation: {stopped.usage.completion_tokens} tokens")
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from harness import prompts
-from harness.checks import expect_argmax_matches, expect_shape, expect_token_counts, generated_count
+from harness.checks import (
+    expect_argmax_matches,
+    expect_shape,
+    expect_tensor_matches_meta,
+    expect_token_counts,
+    generated_count,
+)
 
 STEPS = 5
 PURE_STEPS = 6
@@ -18,7 +24,9 @@ def test_first_token_capture_is_step_0(capture_runs, ground_truth):
     expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=generated_count(completion),
                  context="tokens: first")
     expect_token_counts(completion, expected_steps=STEPS, tokenizer=ground_truth.tokenizer)
-    expect_argmax_matches(capture_runs.tensor(completion, "_logits"), completion.token_ids, name="_logits (first)")
+    tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)  # the file holds what the metadata says, before its values count
+    expect_argmax_matches(tensor, completion.token_ids, name="_logits (first)")
 
 
 def test_last_token_capture_is_the_last_step(capture_runs, ground_truth):
@@ -28,6 +36,7 @@ def test_last_token_capture_is_the_last_step(capture_runs, ground_truth):
     meta = completion.savepoint("_logits")
     expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=n, context="tokens: last")
     tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)
     if ids[0] != ids[-1] and tensor.values[0, 0].argmax() == ids[0]:
         raise AssertionError(f"tokens: last holds step 0 (argmax {ids[0]}), not step {n - 1} (id {ids[-1]})")
     expect_argmax_matches(tensor, ids, name="_logits (last)", first_step=n - 1)
@@ -35,10 +44,13 @@ def test_last_token_capture_is_the_last_step(capture_runs, ground_truth):
 
 def test_one_new_token_gives_one_step(capture_runs, ground_truth):
     completion = capture_runs.chat(prompts.STORY, 1, store_activations=True)
-    expect_shape(completion.savepoint("_logits"), [1, 1, ground_truth.vocab_size], ground_truth,
-                 steps=generated_count(completion), context="max_tokens 1")
+    meta = completion.savepoint("_logits")
+    expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=generated_count(completion),
+                 context="max_tokens 1")
+    tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)
     expect_token_counts(completion, expected_steps=1, tokenizer=ground_truth.tokenizer)
-    expect_argmax_matches(capture_runs.tensor(completion, "_logits"), completion.token_ids, name="_logits")
+    expect_argmax_matches(tensor, completion.token_ids, name="_logits")
 
 
 def _pure(capture_client, capture_model, **body) -> dict:
