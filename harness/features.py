@@ -53,6 +53,7 @@ class Features:
 
     client: CaptureClient
     model: str
+    dialect: str = "protocol-v1"
     _seen: dict[str, str | None] = field(default_factory=dict)  # feature -> None (present) or why absent
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -91,7 +92,8 @@ class Features:
         body = answer.json_object()
         meta = body.get("activations_meta")
         if not isinstance(meta, dict) or not meta:
-            return None
+            # a v1 server that fails to capture is a defect for the capture tests; another dialect lacks it
+            return None if self.dialect == "protocol-v1" else "captures carry no activations_meta to download"
         entry = next(iter(meta.values()))
         url = entry.get("url") if isinstance(entry, dict) else None
         if not isinstance(url, str) or not url:

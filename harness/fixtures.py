@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.client import CaptureClient, ServerFault
+from harness.dialects import V1, loaded_models
+from harness.dialects import detect as detect_dialect
 from harness.features import Features
 from harness.ground_truth import GroundTruth, resolve_ground_truth
 from harness.plugin import STATE, Options, Target, acquire_target
@@ -36,12 +38,25 @@ def capture_client(capture_target: Target, capture_options: Options) -> CaptureC
 
 
 @pytest.fixture(scope="session")
+def capture_dialect(capture_client: CaptureClient, capture_options: Options, pytestconfig: pytest.Config) -> str:
+    """The server family spoken: ``--dialect``, else detected from ``/health``."""
+    if capture_options.dialect != "auto":
+        dialect = capture_options.dialect
+    else:
+        try:
+            dialect = detect_dialect(capture_client.health().json())
+        except ServerFault:
+            dialect = V1
+    _record_fact(pytestconfig, "dialect", dialect)
+    return dialect
+
+
+@pytest.fixture(scope="session")
 def capture_model(capture_client: CaptureClient, capture_target: Target, capture_options: Options,
-                  pytestconfig: pytest.Config) -> str:
+                  capture_dialect: str, pytestconfig: pytest.Config) -> str:
     """The model under test, loaded on the target (``/models/load`` when it is not yet)."""
     health = capture_client.health().ok_json()
-    loaded = health.get("loaded_models")
-    loaded = loaded if isinstance(loaded, list) else []
+    loaded = loaded_models(health, capture_dialect)
     model = capture_options.model or capture_target.expected_model
     if model is None:
         if not loaded:
@@ -89,13 +104,14 @@ def ground_truth(capture_model: str, capture_client: CaptureClient, capture_opti
 
 
 @pytest.fixture(scope="session")
-def capture_features(capture_client: CaptureClient, capture_model: str) -> Features:
-    return Features(capture_client, capture_model)
+def capture_features(capture_client: CaptureClient, capture_model: str, capture_dialect: str) -> Features:
+    return Features(capture_client, capture_model, capture_dialect)
 
 
 @pytest.fixture(scope="session")
-def capture_runs(capture_client: CaptureClient, capture_model: str, request: pytest.FixtureRequest) -> CaptureRuns:
-    runs = CaptureRuns(capture_client, capture_model)
+def capture_runs(capture_client: CaptureClient, capture_model: str, capture_dialect: str,
+                 request: pytest.FixtureRequest) -> CaptureRuns:
+    runs = CaptureRuns(capture_client, capture_model, dialect=capture_dialect)
     try:  # the tokenizer only sharpens usage diagnoses: a run without ground truth still gets its runs
         runs.tokenizer = request.getfixturevalue("ground_truth").tokenizer
     except (Exception, pytest.fail.Exception, pytest.skip.Exception):  # outcomes are not Exceptions

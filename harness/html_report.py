@@ -94,6 +94,7 @@ def render_html(report: dict[str, Any]) -> str:
     facts = [
         ("target", url + ("  (started by the harness)" if target.get("started_by_harness") else "")),
         ("model", report.get("model")),
+        ("dialect", report.get("dialect")),
         ("profile", profile),
         ("date", report.get("started_at")),
         ("duration", f"{report['duration_s']} s" if report.get("duration_s") is not None else None),

@@ -108,6 +108,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="root of the per-model shape snapshot sets, read and written (default: ./capture-snapshots "
                          "in the working directory; the set shipped with the suites is read when that has none). "
                          "A missing snapshot is recorded; --snapshot-update rewrites them")
+    group.addoption("--dialect", choices=("auto", "protocol-v1", "store_activations", "interventions"),
+                    default="auto", help="the server family to speak (default: detected from /health); checks of "
+                                         "fields a dialect lacks are reported once as missing from protocol v1")
     group.addoption("--ci", action="store_true", default=False,
                     help="CI run: a missing shape snapshot fails instead of being recorded (also when CI=true)")
     group.addoption("--conformance-report", default=None, metavar="DIR",
@@ -129,13 +132,14 @@ class Options:
     startup_timeout: float
     snapshot_dir: str | None
     ci: bool = False
+    dialect: str = "auto"
 
     @classmethod
     def of(cls, config: pytest.Config) -> "Options":
         get = config.getoption
         return cls(get("host"), get("port"), get("api_key"), get("model"), get("expect_vocab"),
                    get("expect_hidden"), get("expect_layers"), get("profile"), get("launch"),
-                   get("request_timeout"), get("startup_timeout"), get("snapshot_dir"), get("ci"))
+                   get("request_timeout"), get("startup_timeout"), get("snapshot_dir"), get("ci"), get("dialect"))
 
     @property
     def remote_url(self) -> str | None:
