@@ -23,6 +23,7 @@ KNOWN: list[tuple[int, str, str]] = [
     (0, r"cannot reach|got no answer within|is gone; log tail", "the server does not answer"),
     (1, r"^missing from protocol v1: (?P<feature>.+?) \(", "missing from protocol v1: {feature}"),
     (5, r"^expected 4\d\d.* answered (?P<code>5\d\d)", "a client mistake is answered {code}, not 4xx"),
+    (7, r"^expected 4\d\d; (?P<what>\S+ \S+) answered 2\d\d", "a client mistake is answered 2xx by {what}"),
     (6, r"(?P<what>(?:POST|GET|DELETE) /\S+) answered (?P<code>5\d\d)", "{what} answers {code} (a server error)"),
     (10, r"has no activations_meta", "capture asked for, but no activations_meta in the response"),
     (11, r"^extra dimensions", "extra dimensions: the capture has a size-1 dimension too many"),
@@ -35,6 +36,7 @@ KNOWN: list[tuple[int, str, str]] = [
     (21, r"usage counts a re-tokenisation", "usage counts a re-tokenisation of the reply"),
     (22, r"usage\.completion_tokens is \d+ but completion_token_ids has", "usage disagrees with the generated ids"),
     (30, r"greedy argmax of .* differs", "captured logits do not produce the generated ids"),
+    (35, r"the stream is not token by token", "one-chunk streaming: the stream is not token by token"),
     (40, r"no shape snapshot for model", "no shape snapshot set (CI run)"),
     (41, r"differs from its snapshot", "capture metadata differs from its snapshot"),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness import prompts
+from harness.features import MISSING, absent_note, route_absent
 from harness.checks import (
     expect_argmax_matches,
     expect_shape,
@@ -53,8 +54,12 @@ def test_one_new_token_gives_one_step(capture_runs, ground_truth):
     expect_argmax_matches(tensor, completion.token_ids, name="_logits")
 
 
-def _pure(capture_client, capture_model, **body) -> dict:
+def _pure(capture_client, capture_model, capture_features=None, **body) -> dict:
+    if capture_features is not None:  # all but the smoke test: a missing route is reported once, there
+        capture_features.require("POST /test_pure_nnsight")
     answer = capture_client.pure_nnsight(model=capture_model, **body)
+    if route_absent(answer):
+        raise AssertionError(f"{MISSING}: POST /test_pure_nnsight ({absent_note(answer)})")
     result = answer.ok_json()
     assert result.get("success") is True, f"/test_pure_nnsight did not report success: {result}"
     assert isinstance(result.get("generated_text"), str), f"generated_text should be a string: {result}"
@@ -74,14 +79,15 @@ def test_pure_nnsight_one_new_token_is_1_1_v(capture_client, capture_model, grou
         f"expected [1, 1, {ground_truth.vocab_size}]")
 
 
-def test_pure_nnsight_defaults_to_one_new_token(capture_client, capture_model, ground_truth):
-    result = _pure(capture_client, capture_model, prompt=prompts.RAW_PROMPT)
+def test_pure_nnsight_defaults_to_one_new_token(capture_client, capture_model, ground_truth, capture_features):
+    result = _pure(capture_client, capture_model, capture_features, prompt=prompts.RAW_PROMPT)
     assert result["logits_shape"] == [1, 1, ground_truth.vocab_size], (
         f"/test_pure_nnsight without max_new_tokens: logits_shape {result['logits_shape']}, expected [1, 1, V]")
 
 
-def test_pure_nnsight_n_new_tokens_is_1_n_v(capture_client, capture_model, ground_truth):
-    result = _pure(capture_client, capture_model, prompt=prompts.RAW_PROMPT, max_new_tokens=PURE_STEPS)
+def test_pure_nnsight_n_new_tokens_is_1_n_v(capture_client, capture_model, ground_truth, capture_features):
+    result = _pure(capture_client, capture_model, capture_features, prompt=prompts.RAW_PROMPT,
+                   max_new_tokens=PURE_STEPS)
     shape = result["logits_shape"]
     if shape[:2] == [1, 1]:
         raise AssertionError(

@@ -23,6 +23,7 @@ import requests
 from conftest import free_port
 
 OTHER_SERVER = Path(__file__).with_name("other_stack_server.py")
+INTERVENTIONS_SERVER = Path(__file__).with_name("interventions_server.py")
 MODEL = "other-qwen3"  # a directory in the runs' working directory: the harness finds its config and tokenizer
 
 
@@ -37,14 +38,15 @@ def _env(ci: bool = False) -> dict:
 
 
 class OtherServer:
-    def __init__(self, workdir: Path, *defects: str):
+    def __init__(self, workdir: Path, *defects: str, script: Path = OTHER_SERVER):
         self.port = free_port()
         self.log = (workdir / f"server-{self.port}.log").open("w")
-        argv = [sys.executable, str(OTHER_SERVER), "--port", str(self.port), "--model-dir", MODEL,
+        argv = [sys.executable, str(script), "--port", str(self.port), "--model-dir", MODEL,
                 "--storage-dir", str(workdir / f"storage-{self.port}")]
         for defect in defects:
             argv += ["--defect", defect]
-        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
+        env = {**_env(), "PYTHONPATH": str(OTHER_SERVER.parent)}  # the interventions server imports the engine
+        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (workdir / f"server-{self.port}.log").read_text()[-3000:]
@@ -162,3 +164,26 @@ def test_the_report_names_each_defect_first(workdir, case):
         assert outcomes["test_bad_input_is_a_client_error_and_the_server_carries_on[max-tokens-zero]"] == "failed"
         html = (workdir / f"report-{'-'.join(defects)}" / "conformance-report.html").read_text()
         assert "Diagnoses (root causes, most basic first)" in html and "a client mistake is answered 500" in html
+
+
+def test_an_interventions_dialect_server_gets_a_full_report_naming_its_defects(workdir):
+    server = OtherServer(workdir, script=INTERVENTIONS_SERVER)
+    try:
+        result, report = conformance(workdir, server.port, report="report-interventions")
+    finally:
+        server.stop()
+    assert result.returncode == 1 and report["dialect"] == "interventions", result.stdout[-3000:]
+    assert "dialect interventions" in result.stdout
+    causes = [d["cause"] for d in report["diagnoses"]]
+    for defect in ("a client mistake is answered 500, not 4xx",  # max_tokens: 0
+                   "a client mistake is answered 2xx by POST /v1/chat/completions",  # an unknown model served
+                   "one-chunk streaming: the stream is not token by token"):
+        assert defect in causes, causes
+    missing = {m["feature"]: m for m in report["missing_from_protocol_v1"]}
+    assert {"per-request capture", "POST /models/load", "/health 'protocol'"} <= set(missing), missing
+    assert missing["per-request capture"]["tests"] > 30, missing  # one line for every capture test
+    # what runs without capture still ran: the plain chat contract and most of bad_input
+    assert report["areas"]["chat"]["passed"] >= 10 and report["areas"]["bad_input"]["passed"] >= 8, report["areas"]
+    messages = " ".join(t["message"] for t in report["tests"] if t["outcome"] in ("failed", "error"))
+    for field in ("completion_token_ids", "activation_run_id", "'url'", "activations_meta"):
+        assert field not in messages, f"a message blames {field}, which this dialect never had: {messages[:3000]}"
