@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start this server command ('{port}' is replaced by a free port), test it, stop it")
     target.add_argument("--api-key", help="Bearer key for the server")
     target.add_argument("--model", help="model to load/use on the server")
+    target.add_argument("--dialect", choices=("auto", "protocol-v1", "store_activations", "interventions"),
+                        help="the server family (default: detected from /health)")
     truth = parser.add_argument_group("ground truth, when the model's config.json is not available locally")
     truth.add_argument("--expect-vocab", type=int)
     truth.add_argument("--expect-hidden", type=int)
@@ -59,7 +61,7 @@ def pytest_args(options: argparse.Namespace, extra: list[str]) -> list[str]:
     args = [str(SUITES_DIR), "--profile", options.profile, "--conformance-report", str(report_dir),
             f"--junitxml={report_dir / JUNIT_FILE}", "-p", "no:cacheprovider", "-v" if options.verbose else "-q"]
     for flag in ("host", "port", "launch", "api_key", "model", "expect_vocab", "expect_hidden", "expect_layers",
-                 "request_timeout", "startup_timeout", "snapshot_dir"):
+                 "request_timeout", "startup_timeout", "snapshot_dir", "dialect"):
         value = getattr(options, flag)
         if value is not None:
             args += [f"--{flag.replace('_', '-')}", str(value)]
