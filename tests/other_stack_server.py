@@ -18,6 +18,11 @@ so the harness's tests can check that the report names each defect:
     no_load_route   no POST /models/load (the framework's 404 "Not Found")
     bad_input_500   max_tokens 0 and a body without a model answer 500
 
+``--family store_activations`` makes it speak the older family's dialect instead:
+no ``protocol`` in ``/health``, no ``capture`` block in ``/v1/models``, and chat
+responses without ``completion_token_ids``, ``activation_run_id`` or ``url``
+(files only at ``file_path``), as the deployed servers this protocol extends.
+
     python tests/other_stack_server.py --port 8011 --model-dir ./other-qwen3 [--storage-dir DIR] [--defect ...]
 """
 
@@ -181,6 +186,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "other-stack-capture/1.0"
     engine: Engine
     storage: Path
+    family = "protocol-v1"
 
     def log_message(self, fmt, *args):
         pass
@@ -228,7 +234,12 @@ class Handler(BaseHTTPRequestHandler):
     def _get(self):
         engine = self.engine
         if self.path == "/health":
-            return self._send(200, {"status": "ok", "loaded_models": [engine.model_id], "protocol": "1"})
+            health = {"status": "ok", "loaded_models": [engine.model_id], "protocol": "1"}
+            if self.family == "store_activations":
+                del health["protocol"]
+            return self._send(200, health)
+        if self.path == "/v1/models" and self.family == "store_activations":
+            return self._send(200, {"object": "list", "data": [{"id": engine.model_id, "object": "model"}]})
         if self.path == "/v1/models":
             c = engine.config
             return self._send(200, {"object": "list", "data": [{
@@ -427,6 +438,11 @@ class Handler(BaseHTTPRequestHandler):
                           "selector": capture["selectors"][name], "tokens": capture["tokens"],
                           "format": capture["format"]}
         (run_dir / "manifest.json").write_text(json.dumps(files))
+        if self.family == "store_activations":
+            for entry in meta.values():
+                for key in ("url", "selector", "tokens", "format"):
+                    entry.pop(key)
+            return {"activations_meta": meta}
         return {"activation_run_id": run_id, "completion_token_ids": ids, "activations_meta": meta}
 
 
@@ -437,11 +453,13 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True, help="built here on first start; the model id is this path")
     parser.add_argument("--storage-dir", default=os.path.join(os.getcwd(), "other-stack-storage"))
     parser.add_argument("--defect", action="append", default=[], choices=DEFECTS)
+    parser.add_argument("--family", choices=("protocol-v1", "store_activations"), default="protocol-v1")
     args = parser.parse_args()
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         build_model(model_dir)
     Handler.engine = Engine(model_dir, args.model_dir, set(args.defect))
+    Handler.family = args.family
     Handler.storage = Path(args.storage_dir)
     Handler.storage.mkdir(parents=True, exist_ok=True)
     server = ThreadingHTTPServer((args.host, args.port), Handler)
