@@ -29,6 +29,7 @@ KNOWN: list[tuple[int, str, str]] = [
     (11, r"^extra dimensions", "extra dimensions: the capture has a size-1 dimension too many"),
     (12, r"^wrong number of dimensions", "wrong number of dimensions in the capture"),
     (13, r"^single-token capture only", "single-token capture only"),
+    (13, r"^prompt-only capture", "prompt-only capture: no generated position captured"),
     (14, r"^truncated last dimension", "truncated last dimension (features cut)"),
     (15, r"^metadata and file disagree", "metadata and file disagree"),
     (16, r"savepoint .* missing from activations_meta", "requested savepoints are not captured"),
@@ -63,6 +64,8 @@ def group(results: Iterable[Any], area_order: list[str]) -> list[dict[str, Any]]
         if result.outcome not in ("failed", "error"):
             continue
         rank, cause = classify(result.message)
+        if rank == 100 and result.area == "health":
+            rank = 2  # whatever is wrong with /health comes before everything that needs a healthy server
         entry = causes.setdefault(cause, {"cause": cause, "rank": rank, "count": 0, "areas": [], "tests": [],
                                           "example": result.message.splitlines()[0] if result.message else ""})
         entry["count"] += 1

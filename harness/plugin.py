@@ -176,6 +176,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ("full", "conformance test only run with --profile full"),
         ("managed_server", "needs a server started by this run (deselected with --host)"),
         ("needs_api_key", "needs --api-key (deselected without it)"),
+        ("dialect", "dialect(name): only for targets of that server family (deselected for the others when known)"),
     ):
         config.addinivalue_line("markers", f"{marker}: {text}")
     config.stash[STATE] = HarnessState()
@@ -241,6 +242,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     options = Options.of(config)
     wanted = PROFILES.index(options.profile)
+    dialect = _known_dialect(config, options) if any(item.get_closest_marker("dialect") for item in items) else None
     keep, drop = [], []
     for item in items:
         if not is_suite_item(item):
@@ -251,6 +253,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             PROFILES.index(level) > wanted
             or (item.get_closest_marker("managed_server") and options.remote_url is not None)
             or (item.get_closest_marker("needs_api_key") and not options.api_key)
+            or (dialect is not None and item.get_closest_marker("dialect") is not None
+                and dialect not in item.get_closest_marker("dialect").args)
         )
         (drop if excluded else keep).append(item)
     if drop:
@@ -309,6 +313,25 @@ def acquire_target(config: pytest.Config) -> Target:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _known_dialect(config: pytest.Config, options: Options) -> str | None:
+    """The target's dialect where it is known before any test: forced, the bundled server, or a --host's /health.
+
+    None for a --launch command (not started yet): its dialect-specific tests then skip at run time instead.
+    """
+    from harness.dialects import V1, detect
+
+    if options.dialect != "auto":
+        return options.dialect
+    if options.remote_url:
+        from harness.client import CaptureClient, ServerFault
+
+        try:
+            return detect(CaptureClient(options.remote_url, api_key=options.api_key, timeout_s=10.0).health().json())
+        except ServerFault:
+            return None
+    return None if options.launch else V1
 
 
 def is_xdist_worker(config: pytest.Config) -> bool:

@@ -21,6 +21,7 @@ from harness.checks import (
     rounding_tolerance,
 )
 
+from harness.dialects import INTERVENTIONS
 from harness.stops import stop_for
 
 STEP_COUNTS = [1, 2, 5, 16]
@@ -115,3 +116,47 @@ def test_each_request_gets_its_own_tensors(capture_runs, ground_truth):
 
 def test_multi_token_capture_matches_snapshot(capture_runs, shape_snapshot):
     shape_snapshot.check(_default_capture(capture_runs, 5))
+
+
+
+@pytest.fixture(scope="module")
+def interventions_capture(capture_client, capture_model, capture_dialect) -> dict:
+    """The interventions dialect: one chat with capture configured server-wide (``POST /v1/interventions``)."""
+    if capture_dialect != INTERVENTIONS:
+        pytest.skip("only for the interventions dialect (protocol v1 captures per request: the tests above)")
+    config = {"enabled": True, "layers": [0], "hook_points": ["input_layernorm.output"], "mode": "trace",
+              "per_request_subdir": True, "save_format": "pt"}
+    capture_client.post("/v1/interventions", config).ok_json()
+    try:
+        body = capture_client.chat(capture_model, prompts.STORY, 5).ok_json()
+    finally:  # leave the server as the harness found it as far as the dialect allows: capture off
+        capture_client.post("/v1/interventions", {**config, "enabled": False})
+    artifacts = (body.get("ndif") or {}).get("artifacts")
+    assert isinstance(artifacts, dict) and artifacts, f"capture enabled, but the response has no ndif.artifacts: {body}"
+    for key, entry in artifacts.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        assert isinstance(shape, list) and len(shape) == 3, f"artifact {key!r}: shape {shape!r} is not [1, T, D]"
+    return body
+
+
+@pytest.mark.dialect(INTERVENTIONS)
+def test_interventions_capture_covers_every_generated_step(interventions_capture):
+    usage = interventions_capture.get("usage") or {}
+    prompt_tokens, steps = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    for key, entry in sorted(interventions_capture["ndif"]["artifacts"].items()):
+        shape = entry["shape"]
+        if isinstance(prompt_tokens, int) and shape[1] <= prompt_tokens:
+            raise AssertionError(
+                f"prompt-only capture: artifact {key!r} is {shape}, {shape[1]} positions for a {prompt_tokens}-token "
+                f"prompt and {steps} generated tokens: no generated position is captured")
+
+
+@pytest.mark.dialect(INTERVENTIONS)
+def test_interventions_artifacts_keep_every_feature(interventions_capture, ground_truth):
+    width = ground_truth.hidden_size
+    for key, entry in sorted(interventions_capture["ndif"]["artifacts"].items()):
+        saved = entry.get("saved_shape", entry["shape"])
+        if isinstance(saved, list) and saved and width and saved[-1] < width:
+            raise AssertionError(
+                f"truncated last dimension: artifact {key!r} saved_shape {saved} keeps {saved[-1]} of the {width} "
+                f"hidden features (shape {entry['shape']}; sample_hidden?)")

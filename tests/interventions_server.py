@@ -54,7 +54,8 @@ class InterventionsHandler(Handler):
         if self.path == "/v1/interventions":
             InterventionsHandler.config = {"enabled": bool(body.get("enabled")), "layers": body.get("layers") or [0],
                                            "hook_points": body.get("hook_points") or ["input_layernorm.output"],
-                                           "sample_hidden": body.get("sample_hidden"),
+                                           # the defect: features sampled down unless the client says otherwise
+                                           "sample_hidden": body.get("sample_hidden", 64),
                                            "save_dir": body.get("save_dir") or str(self.storage)}
             return self._send(200, {"ok": True, "config": InterventionsHandler.config})
         if self.path == "/v1/chat/completions":

@@ -187,8 +187,12 @@ def test_an_interventions_dialect_server_gets_a_full_report_naming_its_defects(w
     causes = [d["cause"] for d in report["diagnoses"]]
     for defect in ("a client mistake is answered 500, not 4xx",  # max_tokens: 0
                    "a client mistake is answered 2xx by POST /v1/chat/completions",  # an unknown model served
-                   "one-chunk streaming: the stream is not token by token"):
+                   "one-chunk streaming: the stream is not token by token",
+                   "prompt-only capture: no generated position captured",
+                   "truncated last dimension (features cut)"):  # saved_shape cut by sample_hidden
         assert defect in causes, causes
+    assert causes.index("prompt-only capture: no generated position captured") < causes.index(
+        "one-chunk streaming: the stream is not token by token"), causes  # the capture defect is the more basic
     missing = {m["feature"]: m for m in report["missing_from_protocol_v1"]}
     assert {"per-request capture", "POST /models/load", "/health 'protocol'"} <= set(missing), missing
     assert missing["per-request capture"]["tests"] > 30, missing  # one line for every capture test
