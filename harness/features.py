@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from harness.client import Answer, CaptureClient, ServerFault
+from harness.responses import SavepointMeta
+from harness.tensors import size_cap
 
 MISSING = "missing from protocol v1"
 # What web frameworks put in the body of their own 404 for an unknown path.
@@ -94,9 +96,13 @@ class Features:
         if not isinstance(meta, dict) or not meta:
             # a v1 server that fails to capture is a defect for the capture tests; another dialect lacks it
             return None if self.dialect == "protocol-v1" else "captures carry no activations_meta to download"
-        entry = next(iter(meta.values()))
+        name, entry = next(iter(meta.items()))
         url = entry.get("url") if isinstance(entry, dict) else None
         if not isinstance(url, str) or not url:
             return "the capture metadata has no 'url' to download a file from"
-        got = self.client.get(url, max_bytes=1 << 30)
+        try:  # the same byte cap as every download: what the metadata admits to
+            cap = size_cap(SavepointMeta(name, entry).advertised_numel, str(entry.get("dtype")))
+        except ServerFault:
+            return None  # malformed metadata: the capture tests name it
+        got = self.client.get(url, max_bytes=cap)
         return absent_note(got) if route_absent(got) else None
