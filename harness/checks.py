@@ -26,36 +26,81 @@ def symbolic(shape: list[int] | tuple[int, ...], truth: GroundTruth) -> str:
     return "[" + ",".join(parts) + "]"
 
 
+def shape_diagnosis(shape: list[int], expected: list[int], truth: GroundTruth, *, steps: int | None,
+                    tokens: str = "all") -> str | None:
+    """Plain words for the shape mistakes servers actually make, or None when it is none of them."""
+    got, want = symbolic(shape, truth), symbolic(expected, truth)
+    if len(shape) != len(expected):
+        squeezed_got = [d for d in shape if d != 1]
+        squeezed_want = [d for d in expected if d != 1]
+        if len(shape) > len(expected) and squeezed_got == squeezed_want:
+            return (f"extra dimensions: {got} has {len(shape)} dimensions where the protocol has {len(expected)} "
+                    f"{want}; a size-1 dimension was kept (stacked per-step [1,1,D] tensors without squeezing?)")
+        return f"wrong number of dimensions: {got} has {len(shape)}, the protocol's {want} has {len(expected)}"
+    if (len(shape) == 3 and shape[1] == 1 and expected[1] > 1 and shape[2] == expected[2] and tokens == "all"):
+        return f"single-token capture only: {got} for {steps} generated tokens; expected {want} = {expected}"
+    if shape[:-1] == expected[:-1] and shape[-1] < expected[-1]:
+        return (f"truncated last dimension: {got} keeps {shape[-1]} of the {expected[-1]} features "
+                f"of {want} (sampled or cut features?)")
+    return None
+
+
 def expect_shape(meta: SavepointMeta, expected: list[int], truth: GroundTruth, *, steps: int, context: str) -> None:
     shape = meta.shape
     if shape == expected:
         return
-    width = expected[-1]
-    if (len(shape) == 3 and shape[1] == 1 and expected[1] > 1 and shape[2] == width
-            and meta.raw.get("tokens", "all") == "all"):
+    named = shape_diagnosis(shape, expected, truth, steps=steps, tokens=meta.raw.get("tokens", "all"))
+    if named and named.startswith("single-token capture only"):
         raise AssertionError(
             f"single-token capture only: `{meta.name}` is {symbolic(shape, truth)} for {steps} generated tokens "
             f"({context}); expected {symbolic(expected, truth)} = {expected}"
         )
+    if named:
+        head, _, rest = named.partition(": ")
+        raise AssertionError(f"{head}: `{meta.name}` {rest} ({context}, {steps} generated tokens; metadata shape {shape})")
     raise AssertionError(
         f"`{meta.name}` has shape {shape} = {symbolic(shape, truth)}, expected {expected} = "
         f"{symbolic(expected, truth)} ({context}, {steps} generated tokens)"
     )
 
 
-def expect_token_counts(completion: Completion, *, expected_steps: int | None = None) -> int:
+def generated_count(completion: Completion) -> int:
+    """N as best the response tells it: the ids when there are any, else ``usage.completion_tokens``.
+
+    Shape checks use it before the id checks run, so a capture that is wrong in shape is named
+    as such, not as a bookkeeping mismatch of ids and usage.
+    """
+    ids = completion.body.get("completion_token_ids")
+    if isinstance(ids, list) and ids:
+        return len(ids)
+    return completion.usage.completion_tokens
+
+
+def usage_diagnosis(usage_count: int, ids: list[int] | None, content: str, tokenizer=None) -> str:
+    """What is measurably wrong when ``usage.completion_tokens`` disagrees with the ids."""
+    if usage_count == 0 and (ids or content):
+        return f"usage counts nothing: usage.completion_tokens is 0 for {len(ids) if ids else 'a non-empty'} reply"
+    if tokenizer is not None and content:
+        retokenised = len(tokenizer(content, add_special_tokens=False)["input_ids"])
+        if retokenised == usage_count and (ids is None or retokenised != len(ids)):
+            return (f"usage counts a re-tokenisation of the reply: usage.completion_tokens is {usage_count}, the "
+                    f"length of the reply text tokenised again, not the {len(ids) if ids else '?'} generated ids")
+    return (f"usage.completion_tokens is {usage_count} but completion_token_ids has {len(ids or [])} ids: "
+            f"{(ids or [])[:16]}")
+
+
+def expect_token_counts(completion: Completion, *, expected_steps: int | None = None, tokenizer=None) -> int:
     """``usage.completion_tokens == len(completion_token_ids)`` (== ``expected_steps``); returns N."""
     usage = completion.usage
     ids = completion.token_ids
-    if usage.completion_tokens != len(ids):
-        raise AssertionError(
-            f"usage.completion_tokens is {usage.completion_tokens} but completion_token_ids has {len(ids)} ids: {ids}"
-        )
     if expected_steps is not None and len(ids) != expected_steps:
         raise AssertionError(
             f"expected {expected_steps} generated tokens (max_tokens={completion.request.get('max_tokens')} on a "
             f"prompt that writes on), got {len(ids)} (finish_reason={completion.finish_reason!r}): {ids}"
         )
+    if usage.completion_tokens != len(ids):
+        raise AssertionError(usage_diagnosis(usage.completion_tokens, ids, completion.content,
+                                             tokenizer if tokenizer is not None else completion.tokenizer))
     return len(ids)
 
 
@@ -92,10 +137,16 @@ def expect_argmax_matches(tensor: LoadedTensor, ids: list[int], *, name: str, fi
 
 
 def expect_tensor_matches_meta(tensor: LoadedTensor, meta: SavepointMeta) -> None:
-    if list(tensor.shape) != meta.shape:
-        raise AssertionError(f"`{meta.name}`: the stored tensor is {list(tensor.shape)}, metadata says {meta.shape}")
+    held = list(tensor.shape)
+    if held != meta.shape:
+        detail = ""
+        if len(held) == len(meta.shape) and held[:-1] == meta.shape[:-1] and held[-1] < meta.shape[-1]:
+            detail = f"; the file's last dimension is truncated to {held[-1]} of {meta.shape[-1]}"
+        raise AssertionError(f"metadata and file disagree: `{meta.name}`: the stored tensor is {held}, metadata "
+                             f"says {meta.shape}{detail}")
     if tensor.dtype != meta.dtype:
-        raise AssertionError(f"`{meta.name}`: the stored tensor is {tensor.dtype}, metadata says {meta.dtype}")
+        raise AssertionError(f"metadata and file disagree: `{meta.name}`: the stored tensor is {tensor.dtype}, "
+                             f"metadata says {meta.dtype}")
 
 
 def expect_finite(tensor: LoadedTensor, name: str) -> None:

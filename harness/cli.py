@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report-dir", default="conformance-report",
                      help=f"where {REPORT_FILE}, {HTML_FILE} and {JUNIT_FILE} go (default: ./conformance-report)")
     run.add_argument("-v", "--verbose", action="store_true", help="one line per test")
+    # syrupy's own flag (the pytest plugin that stores the snapshot files), offered here too
+    groups["snapshots"].add_argument("--snapshot-update", action="store_true",
+                                     help="rewrite the shape snapshots of this run")
     return parser
 
 
@@ -44,6 +47,8 @@ def pytest_args(options: argparse.Namespace, extra: list[str]) -> list[str]:
     report_dir = Path(options.report_dir)
     args = [str(SUITES_DIR), "--conformance-report", str(report_dir), f"--junitxml={report_dir / JUNIT_FILE}",
             "-p", "no:cacheprovider", "-v" if options.verbose else "-q"]
+    if options.snapshot_update:
+        args.append("--snapshot-update")
     return args + forwarded(options) + extra
 
 

@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 
 from harness.client import CaptureClient, ServerFault
+from harness.dialects import V1, loaded_models
+from harness.dialects import detect as detect_dialect
+from harness.features import Features
 from harness.ground_truth import GroundTruth, resolve_ground_truth
 from harness.options import Options
 from harness.plugin import acquire_target
 from harness.state import STATE, Target, options_of
 from harness.runs import CaptureRuns
-from harness.snapshots import DEFAULT_ROOT, ShapeSnapshot
+from harness.snapshots import ShapeSnapshot, ci_from_env
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +40,25 @@ def capture_client(capture_target: Target, capture_options: Options) -> CaptureC
 
 
 @pytest.fixture(scope="session")
+def capture_dialect(capture_client: CaptureClient, capture_options: Options, pytestconfig: pytest.Config) -> str:
+    """The server family spoken: ``--dialect``, else detected from ``/health``."""
+    if capture_options.dialect != "auto":
+        dialect = capture_options.dialect
+    else:
+        try:
+            dialect = detect_dialect(capture_client.health().json())
+        except ServerFault:
+            dialect = V1
+    _record_fact(pytestconfig, "dialect", dialect)
+    return dialect
+
+
+@pytest.fixture(scope="session")
 def capture_model(capture_client: CaptureClient, capture_target: Target, capture_options: Options,
-                  pytestconfig: pytest.Config) -> str:
+                  capture_dialect: str, pytestconfig: pytest.Config) -> str:
     """The model under test, loaded on the target (``/models/load`` when it is not yet)."""
     health = capture_client.health().ok_json()
-    loaded = health.get("loaded_models")
-    loaded = loaded if isinstance(loaded, list) else []
+    loaded = loaded_models(health, capture_dialect)
     model = capture_options.model or capture_target.expected_model
     if model is None:
         if not loaded:
@@ -90,16 +106,29 @@ def ground_truth(capture_model: str, capture_client: CaptureClient, capture_opti
 
 
 @pytest.fixture(scope="session")
-def capture_runs(capture_client: CaptureClient, capture_model: str) -> CaptureRuns:
-    return CaptureRuns(capture_client, capture_model)
+def capture_features(capture_client: CaptureClient, capture_model: str, capture_dialect: str) -> Features:
+    return Features(capture_client, capture_model, capture_dialect)
+
+
+@pytest.fixture(scope="session")
+def capture_runs(capture_client: CaptureClient, capture_model: str, capture_dialect: str,
+                 request: pytest.FixtureRequest) -> CaptureRuns:
+    runs = CaptureRuns(capture_client, capture_model, dialect=capture_dialect)
+    try:  # the tokenizer only sharpens usage diagnoses: a run without ground truth still gets its runs
+        runs.tokenizer = request.getfixturevalue("ground_truth").tokenizer
+    except (Exception, pytest.fail.Exception, pytest.skip.Exception):  # outcomes are not Exceptions
+        runs.tokenizer = None
+    return runs
 
 
 @pytest.fixture
-def shape_snapshot(snapshot, capture_model: str, ground_truth: GroundTruth, capture_options: Options,
-                   pytestconfig: pytest.Config) -> ShapeSnapshot:
-    root = Path(capture_options.snapshot_dir) if capture_options.snapshot_dir else DEFAULT_ROOT
-    return ShapeSnapshot(snapshot, capture_model, root, ground_truth.dims(),
-                         updating=bool(pytestconfig.getoption("update_snapshots", False)))
+def shape_snapshot(request: pytest.FixtureRequest, capture_model: str, ground_truth: GroundTruth,
+                   capture_options: Options, pytestconfig: pytest.Config) -> ShapeSnapshot:
+    root = Path(capture_options.snapshot_dir) if capture_options.snapshot_dir else None
+    # --snapshot-update is syrupy's option (syrupy is a dependency; its name is the one people know).
+    return ShapeSnapshot(node=request.node, model_id=capture_model, dims=ground_truth.dims(), root=root,
+                         updating=bool(pytestconfig.getoption("update_snapshots", False)),
+                         ci=capture_options.ci or ci_from_env())
 
 
 def _record_fact(config: pytest.Config, key: str, value: object) -> None:

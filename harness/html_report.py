@@ -94,6 +94,7 @@ def render_html(report: dict[str, Any]) -> str:
     facts = [
         ("target", url + ("  (started by the harness)" if target.get("started_by_harness") else "")),
         ("model", report.get("model")),
+        ("dialect", report.get("dialect")),
         ("profile", profile),
         ("date", report.get("started_at")),
         ("duration", f"{report['duration_s']} s" if report.get("duration_s") is not None else None),
@@ -139,6 +140,30 @@ def render_html(report: dict[str, Any]) -> str:
         f'</th><th class="n">{totals["skipped"]}</th><th></th></tr>'
     )
     out.append("</tbody></table>")
+
+    # -- root causes, most basic first ---------------------------------------------------------
+    diagnoses = report.get("diagnoses") or []
+    if diagnoses:
+        out.append("<h2>Diagnoses (root causes, most basic first)</h2>")
+        out.append('<table class="diagnoses"><thead><tr><th>tests</th><th>cause</th><th>areas</th>'
+                   "<th>example</th></tr></thead><tbody>")
+        for entry in diagnoses:
+            out.append(f'<tr class="bad"><td class="n f">{int(entry.get("count", 0))}</td>'
+                       f'<td class="reason">{_e(entry.get("cause"))}</td><td>{_e(", ".join(entry.get("areas", [])))}'
+                       f'</td><td class="reason">{_e(_first_line(entry.get("example", "")))}</td></tr>')
+        out.append("</tbody></table>")
+    missing = report.get("missing_from_protocol_v1") or []
+    if missing:
+        out.append("<h2>Missing from protocol v1</h2><ul>")
+        for entry in missing:
+            out.append(f"<li>{_e(entry.get('feature'))}: {_e(entry.get('why'))} "
+                       f"({int(entry.get('tests', 0))} tests skipped)</li>")
+        out.append("</ul>")
+    snaps = report.get("snapshots") or {}
+    if any(snaps.get(k) for k in ("recorded", "updated", "compared")):
+        parts = ", ".join(f"{len(snaps[k])} {k}" for k in ("recorded", "updated", "compared") if snaps.get(k))
+        where = f" in {', '.join(snaps.get('dirs') or [])}" if snaps.get("dirs") else ""
+        out.append(f"<p>Shape snapshots: {_e(parts + where)}</p>")
 
     # -- every failure, then every skip -------------------------------------------------------
     order = {name: i for i, name in enumerate(areas)}  # failures grouped as the table lists the areas

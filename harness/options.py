@@ -65,7 +65,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--value-tolerance", "relative error allowed between a captured value and the reference (default: derived "
                               "from the server's model dtype and the capture dtype)",
          {"type": float, "metavar": "REL"}, "values"),
-    Flag("--snapshot-dir", "root of the per-model shape snapshot sets (default: the suites' __snapshots__)", {}, "run"),
+    Flag("--dialect", "the server family to speak (default: detected from /health); checks of fields a dialect lacks "
+                      "are reported once as missing from protocol v1",
+         {"choices": ("auto", "protocol-v1", "store_activations", "interventions"), "default": "auto"}),
+    Flag("--snapshot-dir", "root of the per-model shape snapshot sets, read and written (default: ./capture-snapshots "
+                           "in the working directory; the set shipped with the suites is read when that has none). "
+                           "A missing snapshot is recorded; --snapshot-update rewrites them", {}, "snapshots"),
+    Flag("--ci", "CI run: a missing shape snapshot fails instead of being recorded (also when CI=true)",
+         {"action": "store_true", "default": False}, "snapshots"),
 )
 
 
@@ -82,6 +89,9 @@ def forwarded(namespace: argparse.Namespace) -> list[str]:
         if not hasattr(namespace, flag.dest):
             continue
         value = getattr(namespace, flag.dest)
+        if flag.kwargs.get("action") == "store_true":
+            args += [flag.name] if value else []
+            continue
         for item in value if isinstance(value, list) else [value]:
             args += [flag.name, str(item)]
     return args
@@ -105,6 +115,8 @@ class Options:
     request_timeout: float
     startup_timeout: float
     snapshot_dir: str | None
+    ci: bool = False
+    dialect: str = "auto"
 
     @classmethod
     def of(cls, getoption: Callable[[str], Any]) -> "Options":
@@ -113,7 +125,7 @@ class Options:
         return cls(get("host"), get("port"), get("launch"), get("api_key"), get("model"), get("expect_vocab"),
                    get("expect_hidden"), get("expect_layers"), get("profile"), areas,
                    tuple(get("require_feature") or ()), get("request_timeout"), get("startup_timeout"),
-                   get("snapshot_dir"))
+                   get("snapshot_dir"), bool(get("ci")), get("dialect") or "auto")
 
     @property
     def remote_url(self) -> str | None:

@@ -67,6 +67,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ("managed_server", "needs a server started by this run (deselected with --host)"),
         ("needs_api_key", "needs --api-key (deselected without it)"),
         (f"{MARKER}(name)", "the conformance area of a suite module: " + ", ".join(a.name for a in AREAS)),
+        ("dialect", "dialect(name): only for targets of that server family (deselected for the others when known)"),
     ):
         config.addinivalue_line("markers", f"{marker}: {text}")
     options = Options.of(config.getoption)
@@ -136,6 +137,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     unknown = sorted(areas - set(BY_NAME))
     if unknown:
         raise pytest.UsageError(f"--area: unknown area(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+    dialect = _known_dialect(config, options) if any(item.get_closest_marker("dialect") for item in items) else None
     keep, drop = [], []
     for item in items:
         if not is_suite_item(item):
@@ -149,6 +151,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             or (item.get_closest_marker("managed_server") and options.remote_url is not None)
             or (item.get_closest_marker("needs_api_key") and not options.api_key)
             or (areas and area not in areas)
+            or (dialect is not None and item.get_closest_marker("dialect") is not None
+                and dialect not in item.get_closest_marker("dialect").args)
         )
         (drop if excluded else keep).append(item)
     if drop:
@@ -216,6 +220,25 @@ def acquire_target(config: pytest.Config) -> Target:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _known_dialect(config: pytest.Config, options: Options) -> str | None:
+    """The target's dialect where it is known before any test: forced, the bundled server, or a --host's /health.
+
+    None for a --launch command (not started yet): its dialect-specific tests then skip at run time instead.
+    """
+    from harness.dialects import V1, detect
+
+    if options.dialect != "auto":
+        return options.dialect
+    if options.remote_url:
+        from harness.client import CaptureClient, ServerFault
+
+        try:
+            return detect(CaptureClient(options.remote_url, api_key=options.api_key, timeout_s=10.0).health().json())
+        except ServerFault:
+            return None
+    return None if options.launch else V1
 
 
 def is_xdist_worker(config: pytest.Config) -> bool:

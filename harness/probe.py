@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from harness.client import CaptureClient, ServerFault, excerpt
+from harness.dialects import looks_like_capture_health
 
 LOADING_POLL_S = 1.0
 
@@ -30,10 +31,10 @@ def probe_capture_server(base_url: str, api_key: str | None, wait_loading_s: flo
             body = answer.json()
         except ServerFault:
             pass
-        if not isinstance(body, dict) or "status" not in body:
+        if not looks_like_capture_health(body):  # v1 and the older family: 'status'; interventions: 'ok'
             kind = answer.content_type or "no content type"
             return (f"capture-conformance: {base_url} is not a capture server: GET /health answered "
-                    f"{answer.status} {kind}, not the protocol's JSON with 'status': "
+                    f"{answer.status} {kind}, not JSON with 'status' (or 'ok' for the interventions family): "
                     f"{excerpt(answer.content, 120) or '<empty body>'}")
         if answer.status == 503 and body.get("status") == "loading" and time.monotonic() < deadline:
             time.sleep(LOADING_POLL_S)

@@ -19,7 +19,10 @@ import pytest
 
 from harness import PROTOCOL_VERSION
 from harness.areas import AREA_PROPERTY, OPTIONAL_AREAS, REQUIRED_AREAS
+from harness.diagnoses import group as group_causes
+from harness.diagnoses import missing_features
 from harness.html_report import HTML_FILE, write_html
+from harness.snapshots import USER_PROPERTY
 
 REPORT_FILE = "conformance-report.json"
 REPORT_PLUGIN = "capture_conformance_report"  # the name the plugin registers the report under
@@ -46,6 +49,7 @@ class CaseResult:
     outcome: str  # passed, failed, error, skipped
     duration_s: float = 0.0
     message: str = ""
+    snapshot: dict | None = None  # {"outcome": recorded|compared|updated, "path", "model"} for snapshot tests
 
 
 @dataclass
@@ -118,6 +122,21 @@ def summarize(results: list[CaseResult]) -> Summary:
     return summary
 
 
+def snapshot_summary(results: list[CaseResult]) -> dict[str, Any]:
+    """Which snapshot tests recorded, updated or compared their snapshot, and where the files are."""
+    out: dict[str, Any] = {"recorded": [], "updated": [], "compared": [], "dirs": []}
+    for result in results:
+        snap = result.snapshot
+        if not snap or snap.get("outcome") not in ("recorded", "updated", "compared"):
+            continue
+        out[snap["outcome"]].append(result.nodeid.split("::", 1)[-1])
+        # <root>/<model>/<module>/<test>.json: the model's directory is what a person commits
+        model_dir = str(Path(snap.get("path", "")).parent.parent)
+        if snap["outcome"] != "compared" and model_dir not in out["dirs"]:
+            out["dirs"].append(model_dir)
+    return out
+
+
 def _message(report: pytest.TestReport) -> str:
     longrepr = report.longrepr
     if longrepr is None:
@@ -151,6 +170,9 @@ class ConformanceReport:
         if result is None:
             result = self.results[report.nodeid] = CaseResult(report.nodeid, area, "passed")
         result.duration_s += report.duration
+        for key, value in getattr(report, "user_properties", None) or ():
+            if key == USER_PROPERTY and isinstance(value, dict):
+                result.snapshot = value
         if report.when == "call":
             if report.failed:
                 result.outcome, result.message = "failed", _message(report)
@@ -189,7 +211,9 @@ class ConformanceReport:
         return {
             "tool": "capture-conformance",
             "protocol": PROTOCOL_VERSION,
-            "passed": summary.passed and self.exit_status in (0, None),
+            # A server that lacks fields or routes of protocol v1 is not v1-conformant, however clean the rest is.
+            "passed": summary.passed and self.exit_status in (0, None) and not missing_features(
+                self.results.values()),
             "capture_level": summary.capture_level,
             "profile": options.profile,
             "target": {
@@ -198,12 +222,16 @@ class ConformanceReport:
                 "command": target.command if target else options.launch,
             },
             "model": facts.get("model", options.model),
+            "dialect": facts.get("dialect", options.dialect),
             "ground_truth": facts.get("ground_truth"),
             "values": _values_section(summary, facts),
             "pytest_exit_status": self.exit_status,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "duration_s": round(time.time() - self.started, 2),
             "python": platform.python_version(),
+            "snapshots": snapshot_summary(list(self.results.values())),
+            "diagnoses": group_causes(self.results.values(), AREAS + OPTIONAL_AREAS),
+            "missing_from_protocol_v1": missing_features(self.results.values()),
             "areas": {name: {**asdict(area)} for name, area in summary.areas.items()},
             "tests": [asdict(r) for r in self.results.values()],
         }
@@ -219,7 +247,7 @@ class ConformanceReport:
         lines = [
             "",
             f"capture-conformance: {report['target']['url'] or '(no target)'}  model {report['model']}  "
-            f"profile {report['profile']}",
+            f"profile {report['profile']}  dialect {report['dialect']}",
             f"ground truth: {truth.get('source', 'not established')}",
             f"{'area':<14}{'passed':>7}{'failed':>7}{'skipped':>8}  first failure",
         ]
@@ -242,7 +270,20 @@ class ConformanceReport:
             where = (f"reference {reference.get('model')} on {reference.get('device')}, {reference.get('dtype')}"
                      if reference.get("available") else "no reference")
             lines.append(f"values: {status} ({where}; {values.get('tolerance')})")
-        verdict = "PASSED" if summary.passed else "FAILED"
+        if report["diagnoses"]:
+            lines.append("diagnoses (root causes, most basic first):")
+            for entry in report["diagnoses"]:
+                count = f"{entry['count']} test{'s' if entry['count'] != 1 else ''}"
+                lines.append(f"  {count:>9}  {entry['cause'][:100]}  [{', '.join(entry['areas'])}]")
+        for entry in report["missing_from_protocol_v1"]:
+            lines.append(f"missing from protocol v1: {entry['feature']} ({entry['tests']} tests skipped): "
+                         f"{entry['why'][:100]}")
+        snaps = report["snapshots"]
+        if snaps["recorded"] or snaps["updated"] or snaps["compared"]:
+            parts = [f"{len(snaps[k])} {k}" for k in ("recorded", "updated", "compared") if snaps[k]]
+            where = f" in {', '.join(snaps['dirs'])}" if snaps["dirs"] else ""
+            lines.append(f"shape snapshots: {', '.join(parts)}{where}")
+        verdict = "PASSED" if report["passed"] else "FAILED"
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
         lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")
         return lines

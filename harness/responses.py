@@ -116,6 +116,17 @@ class Completion:
 
     body: dict
     request: dict
+    # The model's tokenizer when the harness has one: lets a usage check say what usage counted instead.
+    tokenizer: Any = None
+    dialect: str = "protocol-v1"
+
+    def _v1_field(self, name: str, kind: type) -> Any:
+        """A protocol-v1 field: a defect when a v1 server lacks it, "missing" for another dialect."""
+        if name not in self.body and self.dialect != "protocol-v1":
+            from harness.dialects import missing
+
+            missing(f"'{name}' in chat responses", self.dialect)
+        return field(self.body, name, kind)
 
     @property
     def choice(self) -> dict:
@@ -142,11 +153,11 @@ class Completion:
 
     @property
     def run_id(self) -> str:
-        return field(self.body, "activation_run_id", str)
+        return self._v1_field("activation_run_id", str)
 
     @property
     def token_ids(self) -> list[int]:
-        ids = field(self.body, "completion_token_ids", list)
+        ids = self._v1_field("completion_token_ids", list)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ServerFault(f"completion_token_ids should be a list of ints: {_brief(ids)}")
         return ids

@@ -9,21 +9,25 @@ answer (concurrency, state leaks) pass ``cached=False``.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from typing import Any, Mapping, Sequence
 
 from harness.client import CaptureClient, ServerFault, chat_body
+from harness.dialects import missing
 from harness.responses import Completion, SavepointMeta
 from harness.tensors import LoadedTensor, load_tensor_file, size_cap
 
 
 class CaptureRuns:
-    def __init__(self, client: CaptureClient, model: str):
+    def __init__(self, client: CaptureClient, model: str, dialect: str = "protocol-v1"):
         self.client = client
         self.model = model
+        self.dialect = dialect
         self._completions: dict[str, Completion] = {}
         self._files: dict[tuple[str, str], bytes] = {}
         self._lock = threading.Lock()
+        self.tokenizer: Any = None  # set by the fixture once the ground truth is known; see Completion.tokenizer
 
     def request_body(self, messages: Sequence[Mapping[str, str]] | str, max_tokens: int | None,
                      **extra: Any) -> dict:
@@ -33,13 +37,18 @@ class CaptureRuns:
              cached: bool = True, **extra: Any) -> Completion:
         """A 200 chat completion (``capture=...`` or ``store_activations=True`` for tensors)."""
         body = self.request_body(messages, max_tokens, **extra)
+        if self.dialect == "interventions" and (body.get("capture") is not None or body.get("store_activations")):
+            # Capture there is server-wide configuration of decoder-layer hook points, never per request.
+            missing("per-request capture", self.dialect)
+        if self.dialect == "store_activations" and body.get("capture") is not None:
+            missing("the 'capture' object", self.dialect)
         key = json.dumps(body, sort_keys=True)
         if cached:
             with self._lock:
                 if key in self._completions:
                     return self._completions[key]
         answer = self.client.post("/v1/chat/completions", body)
-        completion = Completion(answer.ok_json(), body)
+        completion = Completion(answer.ok_json(), body, self.tokenizer, self.dialect)
         if cached:
             with self._lock:
                 self._completions.setdefault(key, completion)
@@ -56,13 +65,16 @@ class CaptureRuns:
     def file_bytes(self, completion: Completion, name: str) -> bytes:
         """The savepoint's file, downloaded from its ``url`` within the advertised size."""
         meta = completion.savepoint(name)
-        key = (completion.run_id if "activation_run_id" in completion.body else "?", name)
+        key = (str(completion.body.get("activation_run_id") or id(completion)), name)
         with self._lock:
             if key in self._files:
                 return self._files[key]
-        url = _url_of(meta)
-        data = self.client.download(url, max_bytes=size_cap(meta.advertised_numel, meta.dtype),
-                                    what=f"savepoint {name!r} ({url})")
+        cap = size_cap(meta.advertised_numel, meta.dtype)
+        if not meta.raw.get("url") and self.dialect != "protocol-v1":
+            data = _local_file(meta, cap, self.dialect)
+        else:
+            url = _url_of(meta)
+            data = self.client.download(url, max_bytes=cap, what=f"savepoint {name!r} ({url})")
         with self._lock:
             self._files[key] = data
         return data
@@ -81,3 +93,15 @@ def _url_of(meta: SavepointMeta) -> str:
             f"(keys: {sorted(meta.raw)}); the harness cannot check the stored tensor"
         )
     return url
+
+
+def _local_file(meta: SavepointMeta, cap: int, dialect: str) -> bytes:
+    """A dialect without downloads: the file at ``file_path``, when the harness runs on the server's host."""
+    path = meta.raw.get("file_path")
+    if not isinstance(path, str) or not os.path.isfile(path):
+        missing("file downloads ('url')", dialect)
+    if os.path.getsize(path) > cap:
+        raise ServerFault(f"activations_meta[{meta.name!r}]: {path} has {os.path.getsize(path)} bytes, more than "
+                          f"the {cap} its metadata admits to")
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,4 +1,4 @@
-"""Shape snapshots: what a capture looks like, recorded once per model, compared on every run.
+"""Shape snapshots as regression tests, the way Jest does them: recorded on the first run, compared after.
 
 A snapshot holds tensor METADATA only: per savepoint its name, selector,
 ``tokens``, format, dtype and shape, the shape both concrete (``[1, 5, 151936]``)
@@ -7,30 +7,41 @@ generated tokens, ``V`` vocabulary, ``H`` hidden, ``I`` intermediate). Never
 values, token ids, run ids, timestamps or paths, so a set recorded on one host
 matches every correct server running the same model.
 
-Layout: ``<root>/<model-slug>/<test file>/<test name>.json``, root being the
-suites' ``__snapshots__`` (or ``--snapshot-dir``). One directory per model,
-because the concrete sizes belong to the model.
+Layout: ``<root>/<model-slug>/<test file>/<test name>.json``, one directory per
+model, because the concrete sizes belong to the model.
 
-A model with no snapshot set FAILS the snapshot tests (never a silent pass):
-the message says the set is missing, that the symbolic checks of the same test
-already ran, and how to record one (``--snapshot-update``, after reviewing).
+Where sets live: ``--snapshot-dir`` if given (read and written there); else
+``./capture-snapshots`` in the working directory, never inside the installed
+package. The set shipped with the suites (``suites/__snapshots__``, the bundled
+``tiny-qwen3``) is read when the working directory has none for that test.
+
+What a run does with one snapshot test (the contract checks of the same test
+have already run; a snapshot only tells whether the metadata CHANGED):
+
+- no snapshot yet: record it and pass; the report lists it as "recorded";
+- ``--ci`` or ``CI=true`` and no snapshot: fail (CI must not invent its baseline);
+- ``--snapshot-update``: rewrite it ("updated");
+- a snapshot that differs: fail with a diff of the two.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from syrupy.extensions.json import JSONSnapshotExtension
 
 if TYPE_CHECKING:
-    from syrupy.location import PyTestLocation
-
     from harness.responses import Completion
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "suites" / "__snapshots__"
+SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "suites" / "__snapshots__"
+DEFAULT_DIR_NAME = "capture-snapshots"
+USER_PROPERTY = "capture_snapshot"
+CI_TRUE = ("1", "true", "yes")
 
 
 def model_slug(model_id: str) -> str:
@@ -39,30 +50,13 @@ def model_slug(model_id: str) -> str:
     return slug or "model"
 
 
-class TensorMetaExtension(JSONSnapshotExtension):
-    """JSON snapshots under a per-model directory. Configured by subclassing (see ``extension_for``)."""
-
-    snapshot_root: Path = DEFAULT_ROOT
-    model_dir_name: str = "model"
-
-    @classmethod
-    def dirname(cls, *, test_location: "PyTestLocation") -> str:
-        return str(Path(cls.snapshot_root) / cls.model_dir_name / test_location.basename)
+def ci_from_env(environ: dict | None = None) -> bool:
+    """``CI=true`` (as GitHub Actions, GitLab and most CI systems set it)."""
+    return (environ if environ is not None else os.environ).get("CI", "").strip().lower() in CI_TRUE
 
 
-_EXTENSIONS: dict[tuple[str, str], type[TensorMetaExtension]] = {}
-
-
-def extension_for(model_id: str, root: Path | None = None) -> type[TensorMetaExtension]:
-    root = Path(root or DEFAULT_ROOT)
-    key = (str(root), model_slug(model_id))
-    if key not in _EXTENSIONS:  # one class per model, so syrupy's discovery sees a stable set
-        _EXTENSIONS[key] = type(
-            f"TensorMetaExtension_{len(_EXTENSIONS)}",
-            (TensorMetaExtension,),
-            {"snapshot_root": root, "model_dir_name": key[1]},
-        )
-    return _EXTENSIONS[key]
+def default_root() -> Path:
+    return Path.cwd() / DEFAULT_DIR_NAME
 
 
 def symbolic_shape(shape: list[int], *, steps: int | None, tokens: str, dims: dict[str, int]) -> list[Any]:
@@ -81,9 +75,11 @@ def symbolic_shape(shape: list[int], *, steps: int | None, tokens: str, dims: di
     return named
 
 
-def capture_record(completion: "Completion", *, dims: dict[str, int]) -> dict[str, Any]:
+def capture_record(completion: "Completion", *, dims: dict[str, int], steps: int | None = None) -> dict[str, Any]:
     """The snapshot of one capture: metadata of every savepoint, nothing run-specific."""
-    steps = completion.usage.completion_tokens
+    if steps is None:  # N from the ids where the response has them: usage is checked elsewhere, not here
+        ids = completion.body.get("completion_token_ids")
+        steps = len(ids) if isinstance(ids, list) and ids else completion.usage.completion_tokens
     record: dict[str, Any] = {}
     for name, meta in sorted(completion.meta.items()):
         tokens = meta.raw.get("tokens", "all")
@@ -98,24 +94,73 @@ def capture_record(completion: "Completion", *, dims: dict[str, int]) -> dict[st
     return {"generated_tokens": steps, "savepoints": record}
 
 
+def render(record: dict) -> str:
+    """The file format (the same bytes syrupy's JSON extension wrote for the shipped set)."""
+    return json.dumps(record, indent=2, sort_keys=True) + "\n"
+
+
 class ShapeSnapshot:
-    """``shape_snapshot.check(completion)``: compare a capture's metadata with the model's set."""
+    """``shape_snapshot.check(completion)``: compare a capture's metadata with the model's set, or record it."""
 
-    def __init__(self, snapshot: Any, model_id: str, root: Path, dims: dict[str, int], updating: bool):
-        self._extension = extension_for(model_id, root)
-        self._snapshot = snapshot.use_extension(self._extension)
+    def __init__(self, *, node: pytest.Item, model_id: str, dims: dict[str, int], root: Path | None,
+                 updating: bool, ci: bool):
+        self.node = node
         self.model_id = model_id
-        self.model_dir = Path(root) / model_slug(model_id)
         self.dims = dims
+        self.explicit = root is not None
+        self.root = Path(root) if root is not None else default_root()
         self.updating = updating
+        self.ci = ci
+        module = Path(str(node.path)).stem
+        self.relative = Path(model_slug(model_id)) / module / f"{node.name}.json"
 
-    def check(self, completion: "Completion") -> None:
-        record = capture_record(completion, dims=self.dims)
-        if not self.updating and not self.model_dir.is_dir():
-            pytest.fail(
-                f"no shape snapshot set for model {self.model_id!r} (expected in {self.model_dir}); the symbolic "
-                f"shape checks of this test passed; review the captured metadata {record['savepoints']} and record "
-                f"a set with --snapshot-update (see docs/harness.md)",
-                pytrace=False,
-            )
-        assert self._snapshot == record, f"capture metadata differs from the recorded snapshot of {self.model_id}"
+    @property
+    def write_path(self) -> Path:
+        return self.root / self.relative
+
+    def read_path(self) -> Path | None:
+        """The snapshot this test compares with: the working set first, then (by default) the shipped one."""
+        candidates = [self.write_path] + ([] if self.explicit else [SHIPPED_ROOT / self.relative])
+        return next((p for p in candidates if p.is_file()), None)
+
+    def _mark(self, outcome: str, path: Path) -> None:
+        self.node.user_properties.append((USER_PROPERTY, {"outcome": outcome, "path": str(path),
+                                                          "model": self.model_id}))
+
+    def check(self, completion: "Completion", *, steps: int | None = None) -> None:
+        record = capture_record(completion, dims=self.dims, steps=steps)
+        text = render(record)
+        existing = self.read_path()
+        if self.updating:
+            self._write(text)
+            self._mark("updated", self.write_path)
+            return
+        if existing is None:
+            if self.ci:
+                pytest.fail(
+                    f"no shape snapshot for model {self.model_id!r} ({self.write_path} does not exist) and this is a "
+                    f"CI run (--ci or CI=true), which never records one: record the set by a run without --ci, "
+                    f"review and commit it, and point --snapshot-dir at it. Captured metadata: "
+                    f"{json.dumps(record['savepoints'], sort_keys=True)}", pytrace=False)
+            self._write(text)
+            self._mark("recorded", self.write_path)
+            return
+        old = existing.read_text()
+        try:
+            same = json.loads(old) == record
+        except ValueError:
+            same = False
+        if same:
+            self._mark("compared", existing)
+            return
+        diff = "".join(difflib.unified_diff(old.splitlines(keepends=True), text.splitlines(keepends=True),
+                                            fromfile=f"snapshot {existing}", tofile="this run"))
+        pytest.fail(f"capture metadata of {self.model_id} differs from its snapshot (a regression, or an intended "
+                    f"change to record with --snapshot-update):\n{diff}", pytrace=False)
+
+    def _write(self, text: str) -> None:
+        path = self.write_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)  # xdist workers may record side by side; never a half-written file

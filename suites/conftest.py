@@ -2,6 +2,8 @@
 
 from harness.fixtures import (  # noqa: F401  (pytest finds fixtures by name in this module)
     capture_client,
+    capture_dialect,
+    capture_features,
     capture_model,
     capture_options,
     capture_runs,

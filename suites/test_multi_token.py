@@ -17,8 +17,11 @@ from harness.checks import (
     expect_shape,
     expect_tensor_matches_meta,
     expect_token_counts,
+    generated_count,
     rounding_tolerance,
 )
+from harness.dialects import INTERVENTIONS
+from harness.stops import stop_for
 
 pytestmark = pytest.mark.area("multi_token")
 
@@ -35,19 +38,22 @@ def _default_capture(capture_runs, steps: int, prompt: str = prompts.STORY, cach
 @pytest.mark.parametrize("steps", STEP_COUNTS)
 def test_all_token_logits_have_one_step_per_generated_token(capture_runs, ground_truth, steps):
     completion = _default_capture(capture_runs, steps)
-    n = expect_token_counts(completion, expected_steps=steps)
+    # The capture's own shape first: a wrong shape is the defect to name, not an id/usage mismatch after it.
+    n = generated_count(completion)
     expect_shape(completion.savepoint("_logits"), [1, n, ground_truth.vocab_size], ground_truth, steps=n,
                  context="store_activations: true")
+    expect_token_counts(completion, expected_steps=steps, tokenizer=ground_truth.tokenizer)
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS_SMOKE_5)
 def test_greedy_argmax_is_the_generated_token_at_every_step(capture_runs, ground_truth, steps):
     completion = _default_capture(capture_runs, steps)
-    n = expect_token_counts(completion, expected_steps=steps)
+    n = generated_count(completion)
     meta = completion.savepoint("_logits")
     expect_shape(meta, [1, n, ground_truth.vocab_size], ground_truth, steps=n, context="store_activations: true")
     tensor = capture_runs.tensor(completion, "_logits")
     expect_tensor_matches_meta(tensor, meta)
+    expect_token_counts(completion, expected_steps=steps, tokenizer=ground_truth.tokenizer)
     expect_argmax_matches(tensor, completion.token_ids, name="_logits")
 
 
@@ -74,9 +80,10 @@ def test_early_end_of_sequence_ends_the_capture_too(capture_runs, ground_truth):
     how = f"{prompts.SHORT_ANSWER!r} with max_tokens {EARLY_STOP_BUDGET}"
     if completion.finish_reason == "length":
         # The model never stopped on its own: end it with a stop string from its own greedy output instead.
-        words = completion.content.split()
-        assert len(words) >= 3, f"cannot pick a stop string from the greedy output {completion.content!r}"
-        stop = words[2]
+        pick = stop_for(capture_runs, prompts.SHORT_ANSWER, completion, tokenizer=ground_truth.tokenizer)
+        assert pick is not None, (
+            f"cannot cut a stop string at a token boundary of the greedy output {completion.content!r}")
+        stop = pick.stop
         completion = capture_runs.chat(prompts.SHORT_ANSWER, EARLY_STOP_BUDGET, store_activations=True, stop=[stop])
         how = (f"the model did not stop on its own for {prompts.SHORT_ANSWER!r}, so stop={stop!r} from its own "
                f"greedy output ended it")
@@ -110,3 +117,47 @@ def test_each_request_gets_its_own_tensors(capture_runs, ground_truth):
 
 def test_multi_token_capture_matches_snapshot(capture_runs, shape_snapshot):
     shape_snapshot.check(_default_capture(capture_runs, 5))
+
+
+
+@pytest.fixture(scope="module")
+def interventions_capture(capture_client, capture_model, capture_dialect) -> dict:
+    """The interventions dialect: one chat with capture configured server-wide (``POST /v1/interventions``)."""
+    if capture_dialect != INTERVENTIONS:
+        pytest.skip("only for the interventions dialect (protocol v1 captures per request: the tests above)")
+    config = {"enabled": True, "layers": [0], "hook_points": ["input_layernorm.output"], "mode": "trace",
+              "per_request_subdir": True, "save_format": "pt"}
+    capture_client.post("/v1/interventions", config).ok_json()
+    try:
+        body = capture_client.chat(capture_model, prompts.STORY, 5).ok_json()
+    finally:  # leave the server as the harness found it as far as the dialect allows: capture off
+        capture_client.post("/v1/interventions", {**config, "enabled": False})
+    artifacts = (body.get("ndif") or {}).get("artifacts")
+    assert isinstance(artifacts, dict) and artifacts, f"capture enabled, but the response has no ndif.artifacts: {body}"
+    for key, entry in artifacts.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        assert isinstance(shape, list) and len(shape) == 3, f"artifact {key!r}: shape {shape!r} is not [1, T, D]"
+    return body
+
+
+@pytest.mark.dialect(INTERVENTIONS)
+def test_interventions_capture_covers_every_generated_step(interventions_capture):
+    usage = interventions_capture.get("usage") or {}
+    prompt_tokens, steps = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    for key, entry in sorted(interventions_capture["ndif"]["artifacts"].items()):
+        shape = entry["shape"]
+        if isinstance(prompt_tokens, int) and shape[1] <= prompt_tokens:
+            raise AssertionError(
+                f"prompt-only capture: artifact {key!r} is {shape}, {shape[1]} positions for a {prompt_tokens}-token "
+                f"prompt and {steps} generated tokens: no generated position is captured")
+
+
+@pytest.mark.dialect(INTERVENTIONS)
+def test_interventions_artifacts_keep_every_feature(interventions_capture, ground_truth):
+    width = ground_truth.hidden_size
+    for key, entry in sorted(interventions_capture["ndif"]["artifacts"].items()):
+        saved = entry.get("saved_shape", entry["shape"])
+        if isinstance(saved, list) and saved and width and saved[-1] < width:
+            raise AssertionError(
+                f"truncated last dimension: artifact {key!r} saved_shape {saved} keeps {saved[-1]} of the {width} "
+                f"hidden features (shape {entry['shape']}; sample_hidden?)")

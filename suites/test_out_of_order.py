@@ -20,6 +20,7 @@ from harness.checks import (
     rounding_tolerance,
     watching,
 )
+from harness.dialects import V1, missing
 from harness.responses import Completion
 
 pytestmark = pytest.mark.area("out_of_order")
@@ -85,7 +86,10 @@ def test_one_new_token_with_layer_savepoints(capture_runs, ground_truth, traffic
     expect_all_clean(traffic)
 
 
-def test_a_valid_request_right_after_a_failed_one(capture_client, capture_runs, capture_model, ground_truth, traffic):
+def test_a_valid_request_right_after_a_failed_one(capture_client, capture_runs, capture_model, ground_truth, traffic,
+                                                  capture_dialect):
+    if capture_dialect != V1:  # the failing request is a `capture` object the dialect has not got
+        missing("the 'capture' object", capture_dialect)
     bad = capture_client.chat(capture_model, prompts.STORY, 4,
                               capture={"savepoints": ["lm_head", "model.no_such_module"]})
     assert 400 <= bad.status < 500, f"an unknown selector should be a 4xx: {bad.describe()}"

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from harness import prompts
-from harness.checks import expect_argmax_matches, expect_shape, expect_token_counts
+from harness.features import MISSING, absent_note, route_absent
+from harness.checks import (
+    expect_argmax_matches,
+    expect_shape,
+    expect_tensor_matches_meta,
+    expect_token_counts,
+    generated_count,
+)
 
 pytestmark = pytest.mark.area("single_token")
 
@@ -16,10 +23,13 @@ PURE_STEPS = 6
 @pytest.mark.smoke
 def test_first_token_capture_is_step_0(capture_runs, ground_truth):
     completion = capture_runs.capture(prompts.STORY, STEPS, tokens="first")
-    n = expect_token_counts(completion, expected_steps=STEPS)
     meta = completion.savepoint("_logits")
-    expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=n, context="tokens: first")
-    expect_argmax_matches(capture_runs.tensor(completion, "_logits"), completion.token_ids, name="_logits (first)")
+    expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=generated_count(completion),
+                 context="tokens: first")
+    expect_token_counts(completion, expected_steps=STEPS, tokenizer=ground_truth.tokenizer)
+    tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)  # the file holds what the metadata says, before its values count
+    expect_argmax_matches(tensor, completion.token_ids, name="_logits (first)")
 
 
 def test_last_token_capture_is_the_last_step(capture_runs, ground_truth):
@@ -29,6 +39,7 @@ def test_last_token_capture_is_the_last_step(capture_runs, ground_truth):
     meta = completion.savepoint("_logits")
     expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=n, context="tokens: last")
     tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)
     if ids[0] != ids[-1] and tensor.values[0, 0].argmax() == ids[0]:
         raise AssertionError(f"tokens: last holds step 0 (argmax {ids[0]}), not step {n - 1} (id {ids[-1]})")
     expect_argmax_matches(tensor, ids, name="_logits (last)", first_step=n - 1)
@@ -36,14 +47,21 @@ def test_last_token_capture_is_the_last_step(capture_runs, ground_truth):
 
 def test_one_new_token_gives_one_step(capture_runs, ground_truth):
     completion = capture_runs.chat(prompts.STORY, 1, store_activations=True)
-    n = expect_token_counts(completion, expected_steps=1)
-    expect_shape(completion.savepoint("_logits"), [1, 1, ground_truth.vocab_size], ground_truth, steps=n,
+    meta = completion.savepoint("_logits")
+    expect_shape(meta, [1, 1, ground_truth.vocab_size], ground_truth, steps=generated_count(completion),
                  context="max_tokens 1")
-    expect_argmax_matches(capture_runs.tensor(completion, "_logits"), completion.token_ids, name="_logits")
+    tensor = capture_runs.tensor(completion, "_logits")
+    expect_tensor_matches_meta(tensor, meta)
+    expect_token_counts(completion, expected_steps=1, tokenizer=ground_truth.tokenizer)
+    expect_argmax_matches(tensor, completion.token_ids, name="_logits")
 
 
-def _pure(capture_client, capture_model, **body) -> dict:
+def _pure(capture_client, capture_model, capture_features=None, **body) -> dict:
+    if capture_features is not None:  # all but the smoke test: a missing route is reported once, there
+        capture_features.require("POST /test_pure_nnsight")
     answer = capture_client.pure_nnsight(model=capture_model, **body)
+    if route_absent(answer):
+        raise AssertionError(f"{MISSING}: POST /test_pure_nnsight ({absent_note(answer)})")
     result = answer.ok_json()
     assert result.get("success") is True, f"/test_pure_nnsight did not report success: {result}"
     assert isinstance(result.get("generated_text"), str), f"generated_text should be a string: {result}"
@@ -63,14 +81,15 @@ def test_pure_nnsight_one_new_token_is_1_1_v(capture_client, capture_model, grou
         f"expected [1, 1, {ground_truth.vocab_size}]")
 
 
-def test_pure_nnsight_defaults_to_one_new_token(capture_client, capture_model, ground_truth):
-    result = _pure(capture_client, capture_model, prompt=prompts.RAW_PROMPT)
+def test_pure_nnsight_defaults_to_one_new_token(capture_client, capture_model, ground_truth, capture_features):
+    result = _pure(capture_client, capture_model, capture_features, prompt=prompts.RAW_PROMPT)
     assert result["logits_shape"] == [1, 1, ground_truth.vocab_size], (
         f"/test_pure_nnsight without max_new_tokens: logits_shape {result['logits_shape']}, expected [1, 1, V]")
 
 
-def test_pure_nnsight_n_new_tokens_is_1_n_v(capture_client, capture_model, ground_truth):
-    result = _pure(capture_client, capture_model, prompt=prompts.RAW_PROMPT, max_new_tokens=PURE_STEPS)
+def test_pure_nnsight_n_new_tokens_is_1_n_v(capture_client, capture_model, ground_truth, capture_features):
+    result = _pure(capture_client, capture_model, capture_features, prompt=prompts.RAW_PROMPT,
+                   max_new_tokens=PURE_STEPS)
     shape = result["logits_shape"]
     if shape[:2] == [1, 1]:
         raise AssertionError(

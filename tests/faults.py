@@ -687,3 +687,19 @@ def _validation_echo(t: Target) -> None:
 
     # FastAPI's own handler: its 422 carries the input, which strict JSON cannot encode.
     t.app.add_exception_handler(RequestValidationError, request_validation_exception_handler)
+
+
+# -- issue 11 --
+
+
+@fault("four_d_logits", "multi_token", "every capture stored [1, N, 1, D]: per-step [1,1,D] tensors stacked unsqueezed")
+def _four_d(t: Target) -> None:
+    def change(gen, plan, options):
+        gen.tensors = {n: x.unsqueeze(2) for n, x in gen.tensors.items()}
+
+    _wrap_generate(t, change)
+
+
+@fault("no_load_route", "models", "no `POST /models/load` route: the framework's 404 'Not Found' for it")
+def _no_load_route(t: Target) -> None:
+    t.app.router.routes[:] = [r for r in t.app.router.routes if getattr(r, "path", None) != "/models/load"]

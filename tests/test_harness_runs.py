@@ -177,7 +177,7 @@ def test_a_server_that_dies_on_start_fails_the_run_at_once_with_its_log(tmp_path
 
 def test_an_older_family_server_fails_multi_token_saying_it_captures_one_token(tmp_path):
     junit = tmp_path / "junit.xml"
-    result = run_pytest(f"{SUITES_DIR}/test_multi_token.py", f"{SUITES_DIR}/test_health.py", "--launch",
+    result = run_pytest(f"{SUITES_DIR}/test_multi_token.py", f"{SUITES_DIR}/test_health.py", "-rs", "--launch",
                         LEGACY_LAUNCH, f"--junitxml={junit}", cwd=tmp_path, timeout=240)
     assert result.returncode == 1, result.stdout + result.stderr
     failures = junit_failures(junit)
@@ -189,7 +189,10 @@ def test_an_older_family_server_fails_multi_token_saying_it_captures_one_token(t
     assert "test_all_token_logits_have_one_step_per_generated_token[1]" in passed, failures
     assert "test_greedy_argmax_is_the_generated_token_at_every_step[1]" in passed, failures
     assert "test_health_is_ok_and_lists_the_model" in passed, failures
-    assert "has no 'protocol' field" in failures["test_health_reports_the_protocol_version"]
+    # Detected as the older store_activations dialect: its missing v1 field is reported as missing, not failed.
+    assert "test_health_reports_the_protocol_version" not in failures and "test_health_reports_the_protocol_version" \
+        not in passed, failures
+    assert "missing from protocol v1: /health 'protocol' (store_activations dialect)" in result.stdout + result.stderr
 
 
 def test_cli_reports_the_legacy_server_failing_at_single_token_level(tmp_path):
@@ -202,6 +205,11 @@ def test_cli_reports_the_legacy_server_failing_at_single_token_level(tmp_path):
     first = report["areas"]["multi_token"]["first_failure"]["message"]
     assert first.startswith("single-token capture only: `_logits` is [1,1,V] for 5 generated tokens"), first
     assert "capture level: single-token" in result.stdout, result.stdout
+    assert report["dialect"] == "store_activations", report["dialect"]
+    # the smoke tests asking for a `capture` object: one line in the summary, not failures
+    assert [m["feature"] for m in report["missing_from_protocol_v1"]] == ["the 'capture' object"], report[
+        "missing_from_protocol_v1"]
+    assert "missing from protocol v1: the 'capture' object" in result.stdout, result.stdout
 
 
 def test_cli_passes_the_bundled_server_under_xdist_and_writes_the_report(tmp_path):

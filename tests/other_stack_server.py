@@ -1,0 +1,472 @@
+"""A capture server written on another stack, for testing the harness against a server it has never seen.
+
+No nnsight, no FastAPI, nothing of ``reference_server``: the standard library's
+``http.server``, plain ``transformers`` with PyTorch forward hooks, and its own
+random-weight Qwen3 model with other sizes than ``tiny-qwen3`` (built locally
+into ``--model-dir`` on first start; only the tokenizer files are borrowed).
+It implements protocol v1 as written in ``docs/protocol.md``, so the harness
+must pass it, on its first run, with no snapshot set for its model.
+
+``--defect NAME`` (repeatable) makes it misbehave the way deployed servers do,
+so the harness's tests can check that the report names each defect:
+
+    four_d_logits   every savepoint stored [1, N, 1, D] (stacked per-step [1,1,D] tensors)
+    list_of_steps   capture answers 500 (an unstacked list of per-step tensors cannot be saved)
+    truncated_file  files keep 128 features while the metadata keeps the full width
+    zero_usage      usage is all zeros
+    retokenised_usage  usage.completion_tokens counts the reply text tokenised again
+    no_load_route   no POST /models/load (the framework's 404 "Not Found")
+    bad_input_500   max_tokens 0 and a body without a model answer 500
+
+``--family store_activations`` makes it speak the older family's dialect instead:
+no ``protocol`` in ``/health``, no ``capture`` block in ``/v1/models``, and chat
+responses without ``completion_token_ids``, ``activation_run_id`` or ``url``
+(files only at ``file_path``), as the deployed servers this protocol extends.
+
+    python tests/other_stack_server.py --port 8011 --model-dir ./other-qwen3 [--storage-dir DIR] [--defect ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+DEFECTS = ("four_d_logits", "list_of_steps", "truncated_file", "zero_usage", "retokenised_usage", "no_load_route",
+           "bad_input_500")
+NAME_RE = re.compile(r"[A-Za-z0-9_.\[\]-]{1,128}")
+SEGMENT_RE = re.compile(r"(?:([A-Za-z][A-Za-z0-9_]*)|(\d+))(?:\[(\d+)\])?")
+DTYPES = ("float32", "bfloat16", "float16")
+# Not tiny-qwen3's sizes (151936 / 256 / 2 layers): nothing in the harness may assume those.
+HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 96, 3, 160, 4, 2, 24
+SEED = 20261201
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def build_model(model_dir: Path) -> None:
+    """A random-weight Qwen3 with the tiny model's tokenizer, written once into ``model_dir``."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from fixtures.tiny_model import ensure_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         head_dim=HEAD_DIM, max_position_embeddings=1024, tie_word_embeddings=False,
+                         # a wide init, so that greedy output depends on the prompt instead of one token forever
+                         initializer_range=0.6, eos_token_id=im_end, bos_token_id=None, pad_token_id=im_end)
+    torch.manual_seed(SEED)
+    model = Qwen3ForCausalLM(config).eval()
+    tmp = model_dir.with_name(model_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(model_dir)
+
+
+class Engine:
+    """The model and one generation at a time (hooks are per request, so requests must not overlap)."""
+
+    def __init__(self, model_dir: Path, model_id: str, defects: set[str]):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.model_id = model_id
+        self.defects = defects
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.config = self.model.config
+        self.eos = {self.config.eos_token_id} if isinstance(self.config.eos_token_id, int) else set(
+            self.config.eos_token_id or [])
+        self.lock = threading.Lock()
+
+    # -- selectors ------------------------------------------------------------------------------
+
+    def resolve(self, selector: str):
+        """(module, "output"|"input") for a selector; walks child modules only, never evaluates text."""
+        if not isinstance(selector, str) or not selector:
+            raise BadRequest(422, f"selector must be a non-empty string: {selector!r}")
+        text = "lm_head" if selector == "logits" else selector
+        where = "output"
+        if text.endswith(".output") or text.endswith(".input"):
+            text, _, where = text.rpartition(".")
+        module = self.model
+        for segment in text.split("."):
+            match = SEGMENT_RE.fullmatch(segment)
+            if not match:
+                raise BadRequest(422, f"unknown selector {selector!r}: bad segment {segment!r}")
+            name, index, sub = match.groups()
+            child = module._modules.get(name if name is not None else index)
+            if child is None:
+                raise BadRequest(422, f"unknown selector {selector!r}: no module {segment!r}")
+            module = child
+            if sub is not None:
+                child = module._modules.get(sub)
+                if child is None:
+                    raise BadRequest(422, f"unknown selector {selector!r}: index {sub} out of range")
+                module = child
+        return module, where
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, prompt_ids: list[int], max_new: int, *, stop: list[str], temperature: float,
+                 top_p: float, seed: int | None, savepoints: list[tuple[str, object, str]]):
+        with self.lock:  # hooks fire for every forward pass: no other request's pass may run meanwhile
+            return self._generate(prompt_ids, max_new, stop=stop, temperature=temperature, top_p=top_p, seed=seed,
+                                  savepoints=savepoints)
+
+    def _generate(self, prompt_ids, max_new, *, stop, temperature, top_p, seed, savepoints):
+        torch = self.torch
+        steps: dict[str, list] = {name: [] for name, _, _ in savepoints}
+        handles = []
+        for name, module, where in savepoints:
+            def hook(mod, args, kwargs, output, name=name, where=where):
+                value = (args[0] if args else kwargs.get("hidden_states")) if where == "input" else output
+                if isinstance(value, (tuple, list)):
+                    value = value[0]
+                steps[name].append(value[:, -1].detach().clone())  # the pass's last position
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        try:
+            with torch.inference_mode():
+                ids: list[int] = []
+                finish = "length"
+                past = None
+                feed = torch.tensor([prompt_ids])
+                text = ""
+                for _ in range(max_new):
+                    out = self.model(input_ids=feed, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    logits = out.logits[0, -1].float()
+                    if temperature and temperature > 0:
+                        probs = torch.softmax(logits / temperature, -1)
+                        if top_p < 1.0:
+                            sorted_p, order = probs.sort(descending=True)
+                            keep = sorted_p.cumsum(-1) - sorted_p < top_p
+                            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                        token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+                    else:
+                        token = int(logits.argmax())
+                    ids.append(token)
+                    if token in self.eos:
+                        finish = "stop"
+                        break
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    if any(s in text for s in stop):
+                        finish = "stop"
+                        break
+                    feed = torch.tensor([[token]])
+        finally:
+            for handle in handles:
+                handle.remove()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in stop:
+            if s in text:
+                text = text[: text.index(s)]
+        return ids, text, finish, steps
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "other-stack-capture/1.0"
+    engine: Engine
+    storage: Path
+    family = "protocol-v1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def _send(self, status: int, body: object = None, raw: bytes | None = None, ctype: str = "application/json"):
+        data = raw if raw is not None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _body(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            raise BadRequest(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest(422, "the body must be a JSON object")
+        return body
+
+    def _guard(self, work):
+        try:
+            work()
+        except BadRequest as exc:
+            self._send(exc.status, {"detail": exc.detail})
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as exc:  # a bug of this server: a 500 without a traceback
+            self._send(500, {"detail": f"internal error: {type(exc).__name__}"})
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    def do_GET(self):
+        self._guard(self._get)
+
+    def do_POST(self):
+        self._guard(self._post)
+
+    def do_DELETE(self):
+        self._guard(self._delete)
+
+    def _get(self):
+        engine = self.engine
+        if self.path == "/health":
+            health = {"status": "ok", "loaded_models": [engine.model_id], "protocol": "1"}
+            if self.family == "store_activations":
+                del health["protocol"]
+            return self._send(200, health)
+        if self.path == "/v1/models" and self.family == "store_activations":
+            return self._send(200, {"object": "list", "data": [{"id": engine.model_id, "object": "model"}]})
+        if self.path == "/v1/models":
+            c = engine.config
+            return self._send(200, {"object": "list", "data": [{
+                "id": engine.model_id, "object": "model", "created": 0, "owned_by": "other-stack",
+                "capture": {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+                            "num_layers": c.num_hidden_layers, "dtype": "float32",
+                            "savepoints": ["lm_head", "model.embed_tokens"] + [
+                                f"model.layers[{i}]" for i in range(c.num_hidden_layers)]}}]})
+        match = re.fullmatch(r"/v1/activations/([0-9a-f]{32})/([A-Za-z0-9_.\[\]%-]{1,200})", self.path)
+        if match:
+            manifest = self.storage / match.group(1) / "manifest.json"
+            if manifest.is_file():
+                files = json.loads(manifest.read_text())
+                from urllib.parse import unquote
+
+                name = unquote(match.group(2))
+                if name in files:
+                    return self._send(200, raw=(self.storage / match.group(1) / files[name]).read_bytes(),
+                                      ctype="application/octet-stream")
+                raise BadRequest(404, f"run {match.group(1)!r} has no file {name!r}")
+            raise BadRequest(404, f"no run {match.group(1)!r}")
+        if self.path.startswith("/v1/activations/"):
+            raise BadRequest(404, "no such run or file")
+        self._send(404, {"detail": "Not Found"})
+
+    def _delete(self):
+        match = re.fullmatch(r"/v1/activations/([0-9a-f]{32})", self.path)
+        if match and (self.storage / match.group(1)).is_dir():
+            shutil.rmtree(self.storage / match.group(1))
+            return self._send(204, raw=b"")
+        if self.path.startswith("/v1/activations/"):
+            raise BadRequest(404, "no such run")
+        self._send(404, {"detail": "Not Found"})
+
+    def _post(self):
+        engine = self.engine
+        if self.path == "/models/load" and "no_load_route" not in engine.defects:
+            body = self._body()
+            model_id = body.get("model_id")
+            if not isinstance(model_id, str) or not model_id:
+                raise BadRequest(422, "model_id is required")
+            if "dtype" in body and body["dtype"] not in DTYPES:
+                raise BadRequest(422, f"dtype must be one of {list(DTYPES)}")
+            if model_id != engine.model_id:
+                raise BadRequest(404, f"model {model_id!r} cannot be loaded by this server")
+            return self._send(200, {"ok": True, "model": engine.model_id})
+        if self.path == "/test_pure_nnsight":
+            body = self._body()
+            steps = body.get("max_new_tokens", 1)
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise BadRequest(422, "max_new_tokens must be a positive integer")
+            if body.get("model", engine.model_id) != engine.model_id:
+                raise BadRequest(404, "model not loaded")
+            ids = engine.tokenizer(body.get("prompt") or "Hello", add_special_tokens=False)["input_ids"]
+            head, where = engine.resolve("lm_head")
+            gen, _, _, captured = engine.generate(ids, steps, stop=[], temperature=0, top_p=1.0, seed=None,
+                                                  savepoints=[("_logits", head, where)])
+            return self._send(200, {"success": True, "logits_shape": [1, len(captured["_logits"]),
+                                                                      engine.config.vocab_size],
+                                    "logits_dtype": "torch.float32",
+                                    "generated_text": engine.tokenizer.decode(gen, skip_special_tokens=True)})
+        if self.path == "/v1/chat/completions":
+            return self._chat(self._body())
+        self._send(404, {"detail": "Not Found"})
+
+    # -- chat -----------------------------------------------------------------------------------
+
+    def _chat(self, body: dict):
+        engine = self.engine
+        bad_500 = "bad_input_500" in engine.defects
+        if bad_500 and ("model" not in body or body.get("max_tokens") == 0):
+            raise RuntimeError("unchecked input")  # the defect: a client mistake reaches the model
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest(422, "messages must be a non-empty list")
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") or \
+                    not isinstance(message.get("content"), str):
+                raise BadRequest(422, "each message needs a role and a string content")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise BadRequest(422, "max_tokens must be a positive integer")
+        temperature = body.get("temperature", 1.0)
+        top_p = body.get("top_p", 1.0)
+        for key, value in (("temperature", temperature), ("top_p", top_p)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise BadRequest(422, f"{key} must be a number")
+        if body.get("n", 1) != 1:
+            raise BadRequest(400, "only n=1 is supported")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest(422, "stop must be a string or a list of non-empty strings")
+        if body.get("model") != engine.model_id:
+            raise BadRequest(404, f"model {body.get('model')!r} is not loaded")
+        capture = self._capture_request(body)
+        prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(prompt_ids, "keys"):
+            prompt_ids = prompt_ids["input_ids"]
+        prompt_ids = list(prompt_ids)
+        seed = body.get("seed")
+        ids, text, finish, steps = engine.generate(
+            prompt_ids, max_tokens, stop=stop, temperature=float(temperature), top_p=float(top_p),
+            seed=seed if isinstance(seed, int) else None, savepoints=capture["savepoints"] if capture else [])
+        completion_tokens = len(ids)
+        if "zero_usage" in engine.defects:
+            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        else:
+            if "retokenised_usage" in engine.defects:
+                completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+            usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                     "total_tokens": len(prompt_ids) + completion_tokens}
+        answer = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": engine.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": usage,
+        }
+        if capture is not None:
+            answer.update(self._store(capture, ids, steps))
+        self._send(200, answer)
+
+    def _capture_request(self, body: dict):
+        engine = self.engine
+        options = body.get("capture")
+        if options is None and not body.get("store_activations"):
+            return None
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise BadRequest(422, "capture must be an object")
+        unknown = set(options) - {"savepoints", "tokens", "dtype", "format"}
+        if unknown:
+            raise BadRequest(422, f"unknown capture options {sorted(unknown)}")
+        tokens = options.get("tokens", "all")
+        dtype = options.get("dtype", "float32")
+        file_format = options.get("format", "pt")
+        if tokens not in ("all", "first", "last"):
+            raise BadRequest(422, f"tokens must be all, first or last, not {tokens!r}")
+        if dtype not in DTYPES:
+            raise BadRequest(422, f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
+        if file_format not in ("pt", "safetensors"):
+            raise BadRequest(422, f"format must be pt or safetensors, not {file_format!r}")
+        wanted = options.get("savepoints", [{"name": "_logits", "selector": "lm_head"}])
+        if not isinstance(wanted, list) or not wanted:
+            raise BadRequest(422, "savepoints must be a non-empty list")
+        savepoints, selectors = [], {}
+        for item in wanted:
+            if isinstance(item, str):
+                name, selector = item, item
+            elif isinstance(item, dict) and isinstance(item.get("selector"), str):
+                name, selector = item.get("name", item["selector"]), item["selector"]
+            else:
+                raise BadRequest(422, f"a savepoint is a selector or {{name, selector}}: {item!r}")
+            if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+                raise BadRequest(422, f"bad savepoint name {name!r}")
+            if name in selectors:
+                raise BadRequest(422, f"duplicate savepoint name {name!r}")
+            module, where = engine.resolve(selector)
+            selectors[name] = selector
+            savepoints.append((name, module, where))
+        if "list_of_steps" in engine.defects:
+            raise RuntimeError("cannot save a list of per-step tensors")  # the defect: answered 500
+        return {"savepoints": savepoints, "selectors": selectors, "tokens": tokens, "dtype": dtype,
+                "format": file_format}
+
+    def _store(self, capture: dict, ids: list[int], steps: dict) -> dict:
+        torch = self.engine.torch
+        defects = self.engine.defects
+        run_id = uuid.uuid4().hex
+        run_dir = self.storage / run_id
+        run_dir.mkdir(parents=True)
+        meta, files = {}, {}
+        for index, (name, _, _) in enumerate(capture["savepoints"]):
+            per_step = steps[name]
+            if capture["tokens"] == "first":
+                per_step = per_step[:1]
+            elif capture["tokens"] == "last":
+                per_step = per_step[-1:]
+            tensor = torch.stack(per_step, dim=1).to(getattr(torch, capture["dtype"])).contiguous()  # [1, N, D]
+            if "four_d_logits" in defects:
+                tensor = tensor.unsqueeze(2)  # [1, N, 1, D]
+            shape = list(tensor.shape)
+            stored = tensor[..., :128].contiguous().clone() if "truncated_file" in defects else tensor
+            file = f"sp{index}.{capture['format']}"
+            if capture["format"] == "pt":
+                torch.save(stored, run_dir / file)
+            else:
+                from safetensors.torch import save_file
+
+                save_file({name: stored}, str(run_dir / file))
+            files[name] = file
+            numel = math.prod(shape)
+            meta[name] = {"shape": shape, "dtype": str(tensor.dtype), "numel": numel,
+                          "size_mb": round(numel * tensor.element_size() / 2**20, 2),
+                          "file_path": str(run_dir / file), "url": f"/v1/activations/{run_id}/{name}",
+                          "selector": capture["selectors"][name], "tokens": capture["tokens"],
+                          "format": capture["format"]}
+        (run_dir / "manifest.json").write_text(json.dumps(files))
+        if self.family == "store_activations":
+            for entry in meta.values():
+                for key in ("url", "selector", "tokens", "format"):
+                    entry.pop(key)
+            return {"activations_meta": meta}
+        return {"activation_run_id": run_id, "completion_token_ids": ids, "activations_meta": meta}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--model-dir", required=True, help="built here on first start; the model id is this path")
+    parser.add_argument("--storage-dir", default=os.path.join(os.getcwd(), "other-stack-storage"))
+    parser.add_argument("--defect", action="append", default=[], choices=DEFECTS)
+    parser.add_argument("--family", choices=("protocol-v1", "store_activations"), default="protocol-v1")
+    args = parser.parse_args()
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        build_model(model_dir)
+    Handler.engine = Engine(model_dir, args.model_dir, set(args.defect))
+    Handler.family = args.family
+    Handler.storage = Path(args.storage_dir)
+    Handler.storage.mkdir(parents=True, exist_ok=True)
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    print(f"other-stack capture server on http://{args.host}:{args.port} ({args.model_dir})", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

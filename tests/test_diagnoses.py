@@ -1,0 +1,43 @@
+"""Failures grouped by root cause, most basic first; setup errors under their cause; missing features once."""
+
+from __future__ import annotations
+
+from harness.diagnoses import classify, group, missing_features
+from harness.report import AREAS, CaseResult
+
+
+def _r(area: str, outcome: str, message: str, name: str = "t") -> CaseResult:
+    return CaseResult(f"suites/test_{area}.py::{name}", area, outcome, 0.0, message)
+
+
+def test_known_defects_are_named_and_ranked_before_what_follows_from_them():
+    results = [
+        _r("bad_input", "failed", "greedy argmax of `_logits` differs from completion_token_ids at steps [0]", "a"),
+        *[_r("multi_token", "error", "error in setup: single-token capture only: `_logits` is [1,1,V] for 5 "
+             "generated tokens (x); expected [1,5,V]", f"m{i}") for i in range(3)],
+        _r("savepoints", "failed", "single-token capture only: `layer_0` is [1,1,H] for 5 generated tokens", "s"),
+        _r("chat", "failed", "max_tokens=3 was honoured (3 completion_token_ids), but usage counts a "
+           "re-tokenisation of the reply: usage.completion_tokens is 5", "c"),
+        _r("health", "failed", "/health does not list the model under test 'x': {...}", "h"),
+        _r("chat", "skipped", "missing from protocol v1: /health 'protocol' (store_activations dialect)", "k1"),
+        _r("health", "skipped", "missing from protocol v1: /health 'protocol' (store_activations dialect)", "k2"),
+    ]
+    causes = group(results, AREAS)
+    names = [c["cause"] for c in causes]
+    assert names[0].startswith("/health does not list the model under test"), names  # the most basic area
+    assert names[1:4] == ["single-token capture only", "usage counts a re-tokenisation of the reply",
+                         "captured logits do not produce the generated ids"], names
+    first = causes[1]
+    assert first["count"] == 4 and first["areas"] == ["multi_token", "savepoints"], first  # 3 setup errors + 1
+    assert missing_features(results) == [
+        {"feature": "/health 'protocol'", "why": "store_activations dialect", "tests": 2}]
+
+
+def test_an_unknown_message_groups_with_its_twins_whatever_the_numbers_and_run_ids():
+    a = classify("`x` has shape [1, 3, 7] = [1,3,7], expected [1, 3, 9] (run 0123456789abcdef0123)")
+    b = classify("`x` has shape [1, 4, 7] = [1,4,7], expected [1, 4, 9] (run fedcba9876543210fedc)")
+    assert a == b and a[0] == 100, (a, b)
+    assert classify("expected 200; POST /v1/chat/completions answered 500 (application/json): {}")[1] == (
+        "POST /v1/chat/completions answers 500 (a server error)")
+    assert classify("expected 400 or 422; POST /v1/chat/completions answered 500 (application/json): {}")[1] == (
+        "a client mistake is answered 500, not 4xx")
