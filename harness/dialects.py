@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from harness.features import MISSING
+from harness.features import MISSING, FeatureMissing
 
 V1, STORE, INTERVENTIONS = "protocol-v1", "store_activations", "interventions"
 DIALECTS = (V1, STORE, INTERVENTIONS)
@@ -52,4 +50,4 @@ def loaded_models(health: dict, dialect: str) -> list[str]:
 
 def missing(what: str, dialect: str) -> None:
     """Skip the running test: ``what`` is not part of ``dialect`` (reported once, in the summary)."""
-    pytest.skip(f"{MISSING}: {what} ({dialect} dialect)")
+    raise FeatureMissing(f"{MISSING}: {what} ({dialect} dialect)")

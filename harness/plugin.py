@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from harness.areas import AREA_PROPERTY, AREAS, BY_NAME, MARKER
+from harness.features import FeatureMissing
 from harness.options import PROFILES, Options, add_flags
 from harness.server import ManagedServer, ServerStartError
 from harness.state import STATE, HarnessState, Target, options_of
@@ -158,6 +159,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+# The protocol library signals "the target lacks this" with FeatureMissing (it imports no pytest):
+# in a fixture or in a test, that is a skip naming what is missing, never a failure.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    try:
+        return (yield)
+    except FeatureMissing as missing:
+        pytest.skip(str(missing))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    try:
+        return (yield)
+    except FeatureMissing as missing:
+        pytest.skip(str(missing))
 
 
 def _declared_area(item: pytest.Item) -> str:

@@ -210,7 +210,12 @@ def test_developer_role_is_read_as_system(capture_client, capture_options, captu
     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
     {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
 ], ids=lambda p: p["type"])
-def test_a_non_text_part_is_a_client_error_naming_its_type(capture_client, capture_model, capture_runs, part):
+def test_a_non_text_part_is_a_client_error_naming_its_type(capture_client, capture_options, capture_model,
+                                                          capture_runs, part):
+    # Only a server that takes list-of-parts content owes a reason naming the part type.
+    _chat_or_lacks(capture_client, capture_options, capture_model,
+                   [{"role": "user", "content": [{"type": "text", "text": prompts.SHORT_ANSWER}]}],
+                   "list-of-parts content")
     content = [{"type": "text", "text": "What is in this?"}, part]
     answer = capture_client.chat(capture_model, [{"role": "user", "content": content}], 2)
     expect_client_error(answer, (400, 422), mention=part["type"])

@@ -16,6 +16,7 @@ import pytest
 from harness import prompts
 from harness.checks import expect_argmax_matches, expect_close, expect_token_counts, rounding_tolerance, symbolic
 from harness.client import ServerFault
+from harness.dialects import V1, missing
 from harness.responses import Completion, field
 from harness.tensors import LoadedTensor
 
@@ -49,7 +50,9 @@ def _advertised_features(capture_client, capture_model) -> list | None:
 class Positions:
     """Greedy captures of one prompt at each position kind, asked once per session and shared."""
 
-    def __init__(self, capture_runs, capture_client, capture_options, capture_model):
+    def __init__(self, capture_runs, capture_client, capture_options, capture_model, capture_dialect):
+        if capture_dialect != V1:  # no per-request `capture` object there, let alone its positions
+            missing("no prompt capture (capture.positions of protocol 1.1)", capture_dialect)
         self.runs = capture_runs
         self.client = capture_client
         self.options = capture_options
@@ -82,8 +85,8 @@ class Positions:
 
 
 @pytest.fixture(scope="module")
-def positions(capture_runs, capture_client, capture_options, capture_model) -> Positions:
-    return Positions(capture_runs, capture_client, capture_options, capture_model)
+def positions(capture_runs, capture_client, capture_options, capture_model, capture_dialect) -> Positions:
+    return Positions(capture_runs, capture_client, capture_options, capture_model, capture_dialect)
 
 
 def prompt_len(completion: Completion, ground_truth) -> int:

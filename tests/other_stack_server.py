@@ -319,14 +319,18 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") or \
                     not isinstance(message.get("content"), str):
                 raise BadRequest(422, "each message needs a role and a string content")
+            try:
+                message["content"].encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest(422, "content is not valid Unicode text (a lone surrogate)") from None
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise BadRequest(422, "max_tokens must be a positive integer")
         temperature = body.get("temperature", 1.0)
         top_p = body.get("top_p", 1.0)
         for key, value in (("temperature", temperature), ("top_p", top_p)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise BadRequest(422, f"{key} must be a number")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise BadRequest(422, f"{key} must be a finite number")
         if body.get("n", 1) != 1:
             raise BadRequest(400, "only n=1 is supported")
         stop = body.get("stop") or []

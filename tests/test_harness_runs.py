@@ -88,7 +88,7 @@ def test_host_without_paths_runs_the_installed_suites_from_any_directory(tmp_pat
     files = {re.sub(r"::.*", "", item).rsplit("/", 1)[-1] for item in collected}
     assert files == {f"test_{a}.py" for a in ("health", "models", "chat", "single_token", "multi_token",
                                                "savepoints", "dtype_size", "out_of_order", "bad_input",
-                                               "streaming", "positions")}, files
+                                               "values", "streaming", "positions")}, files
     # A remote target cannot show its own start-up, so those tests are deselected, not failed or skipped.
     assert not any("test_health_is_503_loading" in item for item in collected)
 
