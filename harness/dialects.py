@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.features import MISSING, FeatureMissing
+from harness.missing import missing  # noqa: F401  (the suites import it from here too)
 
 V1, STORE, INTERVENTIONS = "protocol-v1", "store_activations", "interventions"
 DIALECTS = (V1, STORE, INTERVENTIONS)
@@ -46,8 +46,3 @@ def loaded_models(health: dict, dialect: str) -> list[str]:
         return [model] if isinstance(model, str) else []
     loaded = health.get("loaded_models")
     return [str(m) for m in loaded] if isinstance(loaded, list) else []
-
-
-def missing(what: str, dialect: str) -> None:
-    """Skip the running test: ``what`` is not part of ``dialect`` (reported once, in the summary)."""
-    raise FeatureMissing(f"{MISSING}: {what} ({dialect} dialect)")

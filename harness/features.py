@@ -16,20 +16,12 @@ import threading
 from dataclasses import dataclass, field
 
 from harness.client import Answer, CaptureClient, ServerFault
+from harness.missing import MISSING, FeatureMissing
 from harness.responses import SavepointMeta
 from harness.tensors import size_cap
 
-MISSING = "missing from protocol v1"
 # What web frameworks put in the body of their own 404 for an unknown path.
 GENERIC_NOT_FOUND = {"not found", "404 not found", "404: not found", "404 page not found", "the requested url was not found on the server."}
-
-
-class FeatureMissing(Exception):
-    """A check needs what the target does not have. The pytest face reports it as a skip, never a failure.
-
-    Raised by the protocol library (which knows nothing of pytest); the plugin turns it
-    into ``pytest.skip`` with this message, which starts with ``MISSING``.
-    """
 
 
 def route_absent(answer: Answer) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from harness.areas import AREA_PROPERTY, AREAS, BY_NAME, MARKER
-from harness.features import FeatureMissing
+from harness.missing import FeatureMissing
 from harness.options import PROFILES, Options, add_flags
 from harness.server import ManagedServer, ServerStartError
 from harness.state import STATE, HarnessState, Target, options_of

@@ -123,7 +123,7 @@ class Completion:
     def _v1_field(self, name: str, kind: type) -> Any:
         """A protocol-v1 field: a defect when a v1 server lacks it, "missing" for another dialect."""
         if name not in self.body and self.dialect != "protocol-v1":
-            from harness.dialects import missing
+            from harness.missing import missing
 
             missing(f"'{name}' in chat responses", self.dialect)
         return field(self.body, name, kind)

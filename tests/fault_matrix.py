@@ -33,6 +33,11 @@ CASE_TIMEOUT_S = 900
 FAULTY_SERVER = Path(__file__).resolve().with_name("faulty_server.py")
 
 
+def witness_area(area: str) -> str:
+    """A cheap area that a faulty but running server passes: health, or models for a health fault."""
+    return "models" if area == "health" else "health"
+
+
 def launch_command(fault: str) -> str:
     if fault == UNFAULTED:
         return "python -m reference_server --port {port} --storage-dir {storage_dir}"
@@ -138,8 +143,9 @@ def run_case(case: str, workdir: Path, timeout: float = CASE_TIMEOUT_S) -> CaseR
     argv = [sys.executable, "-m", "harness.cli", "--launch", launch_command(case), "--profile", PROFILE,
             "--report-dir", str(report_dir)]
     if fault is not None:
-        # The fault's own area only: where it must be caught. The unfaulted case runs every area.
-        argv += ["--area", fault.area]
+        # The fault's own area, where it must be caught, and one more that a running server passes
+        # (so a crash is told from a bug). The unfaulted case runs every area.
+        argv += ["--area", f"{fault.area},{witness_area(fault.area)}"]
     started = time.time()
     try:
         proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout,

@@ -22,6 +22,10 @@ import torch
 from conftest import ServerProcess, chat_body
 
 BUDGET_MB = 64
+# What the process may grow beyond the budget besides captures: allocator arenas, request and
+# response objects of 8 clients, the writer's buffers. Measured +157 MiB with the budget out of
+# the way (docs/reliability.md), so budget + slack still tells a bounded server from an unbounded one.
+RSS_SLACK_MB = 32
 MAX_TOKENS = 16
 CLIENTS = 8
 ADMITTED_PER_CLIENT = 3
@@ -105,9 +109,9 @@ def test_concurrent_captures_stay_within_the_budget(tmp_path):
         assert health["in_use_mb"] == 0 and health["in_flight"] == 0, health
         assert 0 < health["peak_mb"] <= BUDGET_MB, health
         assert health["admitted"] == len(admitted) + 1 and health["refused"] == len(refused), health
-        assert peak - baseline <= BUDGET_MB * 2**20, (
+        assert peak - baseline <= (BUDGET_MB + RSS_SLACK_MB) * 2**20, (
             f"resident memory rose {(peak - baseline) / 2**20:.0f} MiB over the warm server's, "
-            f"above the {BUDGET_MB} MiB capture budget")
+            f"above the {BUDGET_MB} MiB capture budget (+{RSS_SLACK_MB} MiB of process overhead)")
         for answer in admitted:  # every admitted capture complete, and of its own tokens
             meta = answer["activations_meta"]["lm_head"]
             tensor = torch.load(meta["file_path"])
