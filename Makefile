@@ -29,7 +29,7 @@ server: setup
 	$(BIN)/capture-server --port 8006
 
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m capture_conformance.bench
 
 clean:
 	rm -rf $(VENV) reports capture-storage .pytest_cache

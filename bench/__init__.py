@@ -1,4 +1,4 @@
-"""``capture-bench`` / ``python -m bench``: what capture costs, measured side by side.
+"""``capture-bench`` / ``python -m capture_conformance.bench``: what capture costs, measured side by side.
 
 One run, one model: plain transformers ``generate`` and a hand-written forward
 hook (the anchors, no server, no nnsight), nnsight's own per-step capture in

@@ -1,4 +1,4 @@
-"""``python -m bench`` and the ``capture-bench`` console script."""
+"""``python -m capture_conformance.bench`` and the ``capture-bench`` console script."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def _sync(device: str) -> None:
 
 def render_prompt(tokenizer, text: str) -> list[int]:
     """The prompt ids the server makes from one user message (its chat module, same template)."""
-    from reference_server.chat import render_prompt as server_render
+    from capture_conformance.reference_server.chat import render_prompt as server_render
 
     return server_render(tokenizer, [{"role": "user", "content": text}])
 

@@ -1,4 +1,4 @@
-"""``python -m bench``: options, the measuring loop, the report.
+"""``python -m capture_conformance.bench``: options, the measuring loop, the report.
 
 Order of a run: start the server (it loads while this process loads the
 anchors), verify each variant once (stored tensors have the advertised shape,
@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 
 from . import stats
 from .models import SHAPES
@@ -186,7 +186,7 @@ class Bench:
         return ms, n, (time.process_time() - cpu0) * 1e3
 
     def _run_variant(self, name: str, verify: bool) -> tuple[float, int]:
-        from harness.client import chat_body
+        from capture_conformance.harness.protocol.client import chat_body
 
         from .server import capture_for
 
@@ -289,7 +289,7 @@ class Bench:
                 f"{n}={self.samples[n][-1]['ms']:.0f}ms" for n in names if self.samples[n]))
 
     def concurrency(self, levels: list[int]) -> dict:
-        from harness.client import chat_body
+        from capture_conformance.harness.protocol.client import chat_body
 
         from .server import LOGITS
 
@@ -387,7 +387,7 @@ class Bench:
         return summary
 
     def soak(self) -> dict:
-        from harness.client import chat_body
+        from capture_conformance.harness.protocol.client import chat_body
 
         from .server import capture_for
 
@@ -516,7 +516,7 @@ class Bench:
             "schema": stats.SCHEMA,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 1),
-            "command": "python -m bench " + shlex.join(self.argv),
+            "command": "python -m capture_conformance.bench " + shlex.join(self.argv),
             "machine": {**machine_info(), "load_avg_start": load_start, "load_avg_end": _load_avg()},
             "versions": versions(),
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "api_key"},

@@ -37,7 +37,7 @@ EOF
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 
 set +e
-timeout "${BENCH_TIMEOUT:-480}" "$PYTHON" -m bench \
+timeout "${BENCH_TIMEOUT:-480}" "$PYTHON" -m capture_conformance.bench \
     --device cuda --dtype bfloat16 --model-shape qwen3-0.6b \
     --tokens 32 --reps 5 --warmup 1 \
     --concurrency 1,4,8 --concurrency-reps 3 --requests-per-client 2 \

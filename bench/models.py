@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from fixtures.tiny_model import TINY_MODEL_ID, build_once, cache_root, ensure_tiny_model, resolve_model_path
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID, build_once, cache_root, ensure_tiny_model, resolve_model_path
 
 SHAPE_RECIPE_VERSION = "1"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from harness.server import ManagedServer, free_port
+from capture_conformance.harness.protocol.server import ManagedServer, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ class ServerHandle:
     def start(cls, model: str, device: str, dtype: str, storage_dir: Path, log_path: Path,
               extra_args: list[str] = (), api_key: str | None = None, threads: int | None = None) -> "ServerHandle":
         port = free_port()
-        command = [sys.executable, "-m", "reference_server", "--port", str(port), "--storage-dir", str(storage_dir),
+        command = [sys.executable, "-m", "capture_conformance.reference_server", "--port", str(port), "--storage-dir", str(storage_dir),
                    "--model", model, "--device", device, "--dtype", dtype, "--log-level", "warning", *extra_args]
         # The server reads its key from the environment too: set it, or clear a stray one.
         env = {"CAPTURE_SERVER_API_KEY": api_key or ""}

@@ -1,16 +1,18 @@
-"""Conformance harness for NNsight activation-capture servers.
+"""Conformance harness for NNsight activation-capture servers, in three layers.
 
-The pieces, one responsibility each:
+- ``protocol``: the protocol library. Talking to a capture server (``client``, the one
+  launcher ``server``, ``probe``), reading what it answers (``responses``, ``tensors``,
+  ``dialects``, ``features``, ``missing``), judging it (``checks``, ``ground_truth``,
+  ``reference`` and ``values`` for the values area, ``stops``, ``prompts``, ``runs``).
+  No pytest, no server code.
+- ``pytest_plugin``: the pytest face. The plugin (``plugin``; options declared once in
+  ``options`` and shared with the ``cli``), the run's ``state``, the declared ``areas``,
+  the suites' ``fixtures`` and ``value_fixtures``, ``snapshots``, and the report
+  (``report``, ``diagnoses``, ``html_report``).
+- ``tools``: everyday tools on the library: ``collect`` (collection runs), ``dataset``
+  (loading them), ``plot``, ``soak``.
 
-- ``client``: the only HTTP client the suites use (timeouts, readable failures, size-capped downloads);
-- ``tensors``: loading downloaded tensor files safely (safetensors or ``torch.load(weights_only=True)``);
-- ``responses``: typed, validating views of the server's JSON answers;
-- ``server``: starting, watching and stopping a capture server process;
-- ``ground_truth``: expected dimensions and tokenizer, from the model itself rather than the server;
-- ``snapshots``: the syrupy extension that stores tensor metadata per model;
-- ``plugin``: the pytest plugin (options, profiles, server lifetime, xdist hand-off);
-- ``fixtures``: the fixtures the suites use (only active where the suites are collected);
-- ``report`` and ``cli``: the per-area table, the JSON report and ``capture-conformance``.
+The layer rules are checked by import-linter (``pyproject.toml``, ``tests/test_architecture.py``).
 """
 
 PROTOCOL_VERSION = "1.1"

@@ -1,4 +1,4 @@
-"""``capture-server`` / ``python -m reference_server``: start the reference capture server."""
+"""``capture-server`` / ``python -m capture_conformance.reference_server``: start the reference capture server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 
 from .settings import Settings
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from fixtures.tiny_model import resolve_model_path
+from capture_conformance.fixtures.tiny_model import resolve_model_path
 
 from .errors import Conflict, NotFound
 

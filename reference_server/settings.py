@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Activates the harness's fixtures for the suites, and only for them."""
 
-from harness.fixtures import (  # noqa: F401  (pytest finds fixtures by name in this module)
+from capture_conformance.harness.pytest_plugin.fixtures import (  # noqa: F401  (pytest finds fixtures by name in this module)
     capture_client,
     capture_dialect,
     capture_features,
@@ -11,4 +11,4 @@ from harness.fixtures import (  # noqa: F401  (pytest finds fixtures by name in 
     ground_truth,
     shape_snapshot,
 )
-from harness.value_fixtures import server_model_dtype, value_checks, value_reference  # noqa: E402,F401
+from capture_conformance.harness.pytest_plugin.value_fixtures import server_model_dtype, value_checks, value_reference  # noqa: E402,F401

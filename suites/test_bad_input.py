@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from harness import prompts
-from harness.checks import expect_client_error
-from harness.dialects import V1, missing
-from harness.features import absent_note, route_absent
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import expect_client_error
+from capture_conformance.harness.protocol.dialects import V1, missing
+from capture_conformance.harness.protocol.features import absent_note, route_absent
 
 pytestmark = pytest.mark.area("bad_input")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness import prompts
-from harness.checks import expect_client_error, expect_token_counts, usage_diagnosis
-from harness.responses import Completion
-from harness.stops import stop_for
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import expect_client_error, expect_token_counts, usage_diagnosis
+from capture_conformance.harness.protocol.responses import Completion
+from capture_conformance.harness.protocol.stops import stop_for
 
 pytestmark = pytest.mark.area("chat")
 

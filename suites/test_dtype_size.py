@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from harness import prompts
-from harness.checks import (
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import (
     expect_close,
     expect_finite,
     expect_shape,
@@ -18,7 +18,7 @@ from harness.checks import (
     plausible_file_size,
     rounding_tolerance,
 )
-from harness.tensors import size_cap
+from capture_conformance.harness.protocol.tensors import size_cap
 
 pytestmark = pytest.mark.area("dtype_size")
 

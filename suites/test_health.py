@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import PROTOCOL_VERSIONS
-from harness.dialects import INTERVENTIONS, V1, missing
+from capture_conformance.harness import PROTOCOL_VERSIONS
+from capture_conformance.harness.protocol.dialects import INTERVENTIONS, V1, missing
 
 pytestmark = pytest.mark.area("health")
 

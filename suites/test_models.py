@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import prompts
-from harness.dialects import V1, missing
-from harness.features import MISSING, absent_note, route_absent
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.dialects import V1, missing
+from capture_conformance.harness.protocol.features import MISSING, absent_note, route_absent
 
 pytestmark = pytest.mark.area("models")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import prompts
-from harness.checks import (
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import (
     expect_argmax_matches,
     expect_close,
     expect_different,
@@ -20,8 +20,8 @@ from harness.checks import (
     generated_count,
     rounding_tolerance,
 )
-from harness.dialects import INTERVENTIONS
-from harness.stops import stop_for
+from capture_conformance.harness.protocol.dialects import INTERVENTIONS
+from capture_conformance.harness.protocol.stops import stop_for
 
 pytestmark = pytest.mark.area("multi_token")
 

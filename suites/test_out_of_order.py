@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import prompts
-from harness.checks import (
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import (
     expect_all_clean,
     expect_argmax_matches,
     expect_close,
@@ -20,8 +20,8 @@ from harness.checks import (
     rounding_tolerance,
     watching,
 )
-from harness.dialects import V1, missing
-from harness.responses import Completion
+from capture_conformance.harness.protocol.dialects import V1, missing
+from capture_conformance.harness.protocol.responses import Completion
 
 pytestmark = pytest.mark.area("out_of_order")
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import prompts
-from harness.checks import expect_argmax_matches, expect_close, expect_token_counts, rounding_tolerance, symbolic
-from harness.client import ServerFault
-from harness.dialects import V1, missing
-from harness.responses import Completion, field
-from harness.tensors import LoadedTensor
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import expect_argmax_matches, expect_close, expect_token_counts, rounding_tolerance, symbolic
+from capture_conformance.harness.protocol.client import ServerFault
+from capture_conformance.harness.protocol.dialects import V1, missing
+from capture_conformance.harness.protocol.responses import Completion, field
+from capture_conformance.harness.protocol.tensors import LoadedTensor
 
 pytestmark = pytest.mark.area("positions")
 

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from harness import prompts
-from harness.checks import (
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import (
     expect_argmax_matches,
     expect_close,
     expect_different,

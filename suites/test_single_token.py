@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import prompts
-from harness.features import MISSING, absent_note, route_absent
-from harness.checks import (
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.features import MISSING, absent_note, route_absent
+from capture_conformance.harness.protocol.checks import (
     expect_argmax_matches,
     expect_shape,
     expect_tensor_matches_meta,

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from harness import prompts
-from harness.checks import expect_shape
-from harness.dialects import INTERVENTIONS, STORE, missing
-from harness.responses import SavepointMeta
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import expect_shape
+from capture_conformance.harness.protocol.dialects import INTERVENTIONS, STORE, missing
+from capture_conformance.harness.protocol.responses import SavepointMeta
 
 pytestmark = pytest.mark.area("streaming")
 

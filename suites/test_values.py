@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import prompts
-from harness.checks import expect_token_counts
+from capture_conformance.harness.protocol import prompts
+from capture_conformance.harness.protocol.checks import expect_token_counts
 
 pytestmark = pytest.mark.area("values")
 

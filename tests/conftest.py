@@ -11,9 +11,9 @@ import pytest
 # No model hub is reachable here: without this, loading an unknown id retries the hub for ~25 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model
-from harness.client import chat_body as library_chat_body
-from harness.server import ManagedServer, free_port
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model
+from capture_conformance.harness.protocol.client import chat_body as library_chat_body
+from capture_conformance.harness.protocol.server import ManagedServer, free_port
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def registry(tiny_model_dir):
     """One loaded tiny model for every in-process app of the session (loading costs a second)."""
-    from reference_server.registry import ModelRegistry
+    from capture_conformance.reference_server.registry import ModelRegistry
 
     reg = ModelRegistry(device="cpu")
     reg.load(TINY_MODEL_ID)
@@ -45,8 +45,8 @@ def hf_reference(tiny_model_dir):
 def make_client(registry, storage_dir: Path, **settings):
     from fastapi.testclient import TestClient
 
-    from reference_server.app import create_app
-    from reference_server.settings import Settings
+    from capture_conformance.reference_server.app import create_app
+    from capture_conformance.reference_server.settings import Settings
 
     app = create_app(Settings(storage_dir=storage_dir, **settings), registry=registry)
     return TestClient(app, raise_server_exceptions=False)
@@ -60,11 +60,11 @@ def client(registry, tmp_path):
 
 
 class ServerProcess(ManagedServer):
-    """A real ``capture-server`` (``python -m reference_server``) on a free port, through the one launcher."""
+    """A real ``capture-server`` (``python -m capture_conformance.reference_server``) on a free port, through the one launcher."""
 
     def __init__(self, tmp: Path, *extra: str):
         port = free_port()
-        argv = [sys.executable, "-m", "reference_server", "--port", str(port), "--storage-dir", str(tmp / "storage"),
+        argv = [sys.executable, "-m", "capture_conformance.reference_server", "--port", str(port), "--storage-dir", str(tmp / "storage"),
                 *extra]
         super().__init__(argv, port, tmp, startup_timeout_s=120)
         self.start()

@@ -40,7 +40,7 @@ def witness_area(area: str) -> str:
 
 def launch_command(fault: str) -> str:
     if fault == UNFAULTED:
-        return "python -m reference_server --port {port} --storage-dir {storage_dir}"
+        return "python -m capture_conformance.reference_server --port {port} --storage-dir {storage_dir}"
     return f"python {FAULTY_SERVER} --port {{port}} --storage-dir {{storage_dir}} --fault {fault}"
 
 
@@ -140,7 +140,7 @@ def run_case(case: str, workdir: Path, timeout: float = CASE_TIMEOUT_S) -> CaseR
     if case != UNFAULTED and fault is None:
         raise ValueError(f"unknown fault {case!r}")
     report_dir = workdir / "report"
-    argv = [sys.executable, "-m", "harness.cli", "--launch", launch_command(case), "--profile", PROFILE,
+    argv = [sys.executable, "-m", "capture_conformance.harness.pytest_plugin.cli", "--launch", launch_command(case), "--profile", PROFILE,
             "--report-dir", str(report_dir)]
     if fault is not None:
         # The fault's own area, where it must be caught, and one more that a running server passes

@@ -22,7 +22,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from reference_server.errors import CaptureError, Unprocessable
+from capture_conformance.reference_server.errors import CaptureError, Unprocessable
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def _last_is_first(t: Target) -> None:
 
 @fault("input_is_output", "savepoints", "`.input` savepoints hold the module's output")
 def _input_is_output(t: Target) -> None:
-    from reference_server.nnsight_core import PlannedSavepoint
+    from capture_conformance.reference_server.nnsight_core import PlannedSavepoint
 
     original = t.service._plan
 
@@ -251,7 +251,7 @@ def _missing_file(t: Target) -> None:
 def _safetensors_key(t: Target) -> None:
     from safetensors.torch import save_file
 
-    from reference_server import storage
+    from capture_conformance.reference_server import storage
 
     def save(tensors, path, *args, **kwargs):
         return save_file({"tensor": next(iter(tensors.values()))}, path, *args, **kwargs)
@@ -316,7 +316,7 @@ def _no_lock(t: Target) -> None:
     import anyio
 
     async def generate(worker, prompt_ids, params, plan, options, **kw):
-        from reference_server.nnsight_core import DTYPES
+        from capture_conformance.reference_server.nnsight_core import DTYPES
 
         return await anyio.to_thread.run_sync(
             worker.model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
@@ -406,7 +406,7 @@ def _load_drops(t: Target) -> None:
 
 def _replace_sites(t: Target, choose: Callable) -> None:
     """Replace the plan seam: ``choose(model, site)`` returns the site actually captured instead."""
-    from reference_server.nnsight_core import PlannedSavepoint
+    from capture_conformance.reference_server.nnsight_core import PlannedSavepoint
 
     original = t.service._plan
 
@@ -539,7 +539,7 @@ def _mlp_after_inplace_add(t: Target) -> None:
        "requests with several savepoints take a second code path that applies repetition_penalty 1.3")
 def _capture_changes_generation(t: Target) -> None:
     # Two generation paths with different generation settings: the answer depends on what was captured.
-    from reference_server.nnsight_core import CaptureModel
+    from capture_conformance.reference_server.nnsight_core import CaptureModel
 
     original = CaptureModel.generate
 
@@ -602,7 +602,7 @@ def _prompt_without_template(t: Target) -> None:
     import contextvars
     from dataclasses import replace
 
-    from reference_server import chat
+    from capture_conformance.reference_server import chat
 
     raw_text = contextvars.ContextVar("raw_text", default=None)
     prepare = t.service.prepare_chat

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `faults` beside this
 
 from faults import FAULTS, Target, install  # noqa: E402
 
-from reference_server.app import create_app  # noqa: E402
-from reference_server.cli import build_parser, serve, settings_from_args  # noqa: E402
+from capture_conformance.reference_server.app import create_app  # noqa: E402
+from capture_conformance.reference_server.cli import build_parser, serve, settings_from_args  # noqa: E402
 
 
 def faulty_app_factory(fault: str):

@@ -40,7 +40,7 @@ class LegacyModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from fixtures.tiny_model import resolve_model_path
+        from capture_conformance.fixtures.tiny_model import resolve_model_path
 
         path = resolve_model_path(model_id)
         self.torch = torch

@@ -61,7 +61,7 @@ def build_model(model_dir: Path) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from fixtures.tiny_model import ensure_tiny_model
+    from capture_conformance.fixtures.tiny_model import ensure_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

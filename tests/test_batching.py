@@ -7,10 +7,10 @@ import threading
 
 import torch
 
-from fixtures.tiny_model import TINY_MODEL_ID
-from reference_server import chat
-from reference_server.nnsight_core import GenerationParams, GenerationRequest, PlannedSavepoint
-from reference_server.selectors import parse_selector
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.reference_server import chat
+from capture_conformance.reference_server.nnsight_core import GenerationParams, GenerationRequest, PlannedSavepoint
+from capture_conformance.reference_server.selectors import parse_selector
 
 
 def request(model, content, max_tokens, selectors, tokens="all", dtype=torch.float32, **params):
@@ -65,7 +65,7 @@ def test_sampled_and_stop_requests_are_never_batched(registry):
 def test_half_precision_models_batch_only_when_asked():
     from types import SimpleNamespace
 
-    from reference_server.registry import AUTO_MAX_BATCH, batch_size_for
+    from capture_conformance.reference_server.registry import AUTO_MAX_BATCH, batch_size_for
 
     def model(dtype):
         return SimpleNamespace(info=SimpleNamespace(dtype=dtype))

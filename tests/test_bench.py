@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import stats
-from bench.server import capture_for
-from bench.variants import RATIOS, VARIANT_NAMES, concurrency_name, parse_int_list, round_robin, select
+from capture_conformance.bench import stats
+from capture_conformance.bench.server import capture_for
+from capture_conformance.bench.variants import RATIOS, VARIANT_NAMES, concurrency_name, parse_int_list, round_robin, select
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +140,7 @@ def test_shape_model_build(tmp_path, monkeypatch):
     """The --model-shape builder, with a small shape: config as given, the tiny model's tokenizer and template."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from bench import models
+    from capture_conformance.bench import models
 
     monkeypatch.setitem(models.SHAPES, "test-mini", {
         "vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
@@ -155,7 +155,7 @@ def test_shape_model_build(tmp_path, monkeypatch):
 
 
 def test_qwen3_shape_is_qwen3_0_6b():
-    from bench.models import SHAPES
+    from capture_conformance.bench.models import SHAPES
 
     shape = SHAPES["qwen3-0.6b"]
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
@@ -167,7 +167,7 @@ def test_tiny_bench_run(tmp_path):
     """A real run, as small as it gets: every variant measured, positive numbers, the JSON valid."""
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--tokens", "2", "--reps", "1", "--warmup", "0", "--concurrency-reps", "1",
+        [sys.executable, "-m", "capture_conformance.bench", "--tokens", "2", "--reps", "1", "--warmup", "0", "--concurrency-reps", "1",
          "--requests-per-client", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )

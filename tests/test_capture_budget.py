@@ -11,8 +11,8 @@ import json
 import pytest
 
 from conftest import chat_body, make_client
-from reference_server.admission import CaptureBudget, default_budget_bytes
-from reference_server.errors import Overloaded, Unprocessable
+from capture_conformance.reference_server.admission import CaptureBudget, default_budget_bytes
+from capture_conformance.reference_server.errors import Overloaded, Unprocessable
 
 CHAT = "/v1/chat/completions"
 MIB = 2**20
@@ -83,7 +83,7 @@ def test_a_busy_budget_is_503_with_retry_after_and_health_shows_it(small):
 
 
 def test_the_budget_is_held_until_the_files_are_written(small, monkeypatch):
-    from reference_server import service as service_module
+    from capture_conformance.reference_server import service as service_module
 
     seen = []
     original = service_module.CaptureService._store
@@ -100,7 +100,7 @@ def test_the_budget_is_held_until_the_files_are_written(small, monkeypatch):
 
 
 def test_failed_and_streamed_captures_give_their_budget_back(small, monkeypatch):
-    from reference_server import service as service_module
+    from capture_conformance.reference_server import service as service_module
 
     def broken(self, *args, **kwargs):
         raise OSError("disk on fire")

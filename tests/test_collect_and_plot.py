@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ServerProcess
-from harness.collect import extract_answer
-from harness.plot import token_statistics
+from capture_conformance.harness.tools.collect import extract_answer
+from capture_conformance.harness.tools.plot import token_statistics
 
 SAMPLE = "fixtures/gsm8k_sample.jsonl"
 
@@ -50,7 +50,7 @@ def server(tmp_path_factory, tiny_model_dir):
 
 def collect(server, out, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "harness.collect", "--input", SAMPLE, "--out", str(out), "--url", server.url,
+        [sys.executable, "-m", "capture_conformance.harness.tools.collect", "--input", SAMPLE, "--out", str(out), "--url", server.url,
          "--savepoints", "lm_head", "h0=model.layers[0]", "--max-tokens", "24", *extra],
         capture_output=True, text=True, timeout=600)
 
@@ -96,7 +96,7 @@ def test_plot_writes_a_png_of_a_collected_problem_and_of_a_server_run(server, tm
     record = json.loads((out / "manifest.jsonl").read_text())
     for run_dir in (out / "files" / record["id"], server.storage / record["activation_run_id"]):
         png = tmp_path / f"{run_dir.name}.png"
-        result = subprocess.run([sys.executable, "-m", "harness.plot", str(run_dir), "--out", str(png)],
+        result = subprocess.run([sys.executable, "-m", "capture_conformance.harness.tools.plot", str(run_dir), "--out", str(png)],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         data = png.read_bytes()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.dataset import load_run
+from capture_conformance.harness.tools.dataset import load_run
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = str(REPO / "fixtures" / "gsm8k_sample.jsonl")
@@ -19,7 +19,7 @@ LAYER = "model.layers[1]"
 
 
 def collect(out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.collect", "--input", SAMPLE, "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "capture_conformance.harness.tools.collect", "--input", SAMPLE, "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -142,7 +142,7 @@ def _png_height(path: Path) -> int:
 
 
 def plot(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.plot", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "capture_conformance.harness.tools.plot", *args], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
 
 
@@ -165,7 +165,7 @@ def test_plot_of_a_sequence_problem_knows_its_tokens_and_where_the_completion_st
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from harness.plot import run_info, token_labels
+    from capture_conformance.harness.tools.plot import run_info, token_labels
 
     prompt_ids, completion_ids = [11, 12, 13, 14, 15, 16], [21, 22, 23, 24]
     out = tmp_path / "seq"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness.diagnoses import classify, group, missing_features
-from harness.report import AREAS, CaseResult
+from capture_conformance.harness.pytest_plugin.diagnoses import classify, group, missing_features
+from capture_conformance.harness.pytest_plugin.report import AREAS, CaseResult
 
 
 def _r(area: str, outcome: str, message: str, name: str = "t") -> CaseResult:

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from fault_matrix import CASE_TIMEOUT_S, OUT_ENV, UNFAULTED, run_case, save, subprocess_env
-from harness.areas import BY_NAME, MARKER
-from harness.plugin import SUITES_DIR
+from capture_conformance.harness.pytest_plugin.areas import BY_NAME, MARKER
+from capture_conformance.harness.pytest_plugin.plugin import SUITES_DIR
 from faults import FAULTS
 
 # The faults that issue 4 names, by their number there.
@@ -69,9 +69,9 @@ def test_the_shipped_server_has_no_fault_switch_and_no_fault_code():
     import re
     from dataclasses import fields
 
-    import reference_server
-    from reference_server.cli import build_parser
-    from reference_server.settings import Settings
+    from capture_conformance import reference_server
+    from capture_conformance.reference_server.cli import build_parser
+    from capture_conformance.reference_server.settings import Settings
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--fault", "first_step_only"])

@@ -11,11 +11,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from harness.client import CaptureClient, ServerFault
-from harness.report import CaseResult, summarize
-from harness.responses import Completion
-from harness.snapshots import model_slug, symbolic_shape
-from harness.tensors import _read_pt_without_torch, load_tensor_file, size_cap
+from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
+from capture_conformance.harness.pytest_plugin.report import CaseResult, summarize
+from capture_conformance.harness.protocol.responses import Completion
+from capture_conformance.harness.pytest_plugin.snapshots import model_slug, symbolic_shape
+from capture_conformance.harness.protocol.tensors import _read_pt_without_torch, load_tensor_file, size_cap
 from legacy_server import ScriptedServer
 
 
@@ -217,7 +217,7 @@ def test_values_not_verifiable_says_shapes_only_and_is_no_silent_pass():
 
 
 def test_ground_truth_prefers_the_model_config_then_the_options_then_the_server(tmp_path):
-    from harness.ground_truth import SOURCE_OPTIONS, SOURCE_SERVER, resolve_ground_truth
+    from capture_conformance.harness.protocol.ground_truth import SOURCE_OPTIONS, SOURCE_SERVER, resolve_ground_truth
 
     model_dir = tmp_path / "my-model"
     model_dir.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.plugin import SUITES_DIR
+from capture_conformance.harness.pytest_plugin.plugin import SUITES_DIR
 from legacy_server import ScriptedServer, healthy_routes
 
 LEGACY_SERVER = Path(__file__).with_name("legacy_server.py")
@@ -197,7 +197,7 @@ def test_an_older_family_server_fails_multi_token_saying_it_captures_one_token(t
 
 def test_cli_reports_the_legacy_server_failing_at_single_token_level(tmp_path):
     report_dir = tmp_path / "report"
-    result = run([sys.executable, "-m", "harness.cli", "--launch", LEGACY_LAUNCH, "--profile", "smoke",
+    result = run([sys.executable, "-m", "capture_conformance.harness.pytest_plugin.cli", "--launch", LEGACY_LAUNCH, "--profile", "smoke",
                   "--report-dir", str(report_dir)], tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads((report_dir / "conformance-report.json").read_text())
@@ -214,7 +214,7 @@ def test_cli_reports_the_legacy_server_failing_at_single_token_level(tmp_path):
 
 def test_cli_passes_the_bundled_server_under_xdist_and_writes_the_report(tmp_path):
     report_dir = tmp_path / "report"
-    result = run([sys.executable, "-m", "harness.cli", "--profile", "smoke", "--report-dir", str(report_dir),
+    result = run([sys.executable, "-m", "capture_conformance.harness.pytest_plugin.cli", "--profile", "smoke", "--report-dir", str(report_dir),
                   "--", "-n", "2"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((report_dir / "conformance-report.json").read_text())
@@ -252,7 +252,7 @@ def test_the_api_key_checks_fail_against_a_server_that_ignores_the_key(tmp_path)
     """The bundled server gets the key; a launched one that is not told about it must fail the 401 checks."""
     junit = tmp_path / "open.xml"
     result = run_pytest(str(SUITES_DIR / "test_health.py"), "--api-key", "s3cret", f"--junitxml={junit}",
-                        "--launch", "python -m reference_server --port {port} --storage-dir {storage_dir}", cwd=tmp_path)
+                        "--launch", "python -m capture_conformance.reference_server --port {port} --storage-dir {storage_dir}", cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     failures = junit_failures(junit)
     assert any("without the API key should be 401" in m for m in failures.values()), failures

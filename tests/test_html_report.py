@@ -19,8 +19,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 
-from harness.html_report import HTML_FILE, main as html_main, render_html
-from harness.report import REPORT_FILE, CaseResult, summarize
+from capture_conformance.harness.pytest_plugin.html_report import HTML_FILE, main as html_main, render_html
+from capture_conformance.harness.pytest_plugin.report import REPORT_FILE, CaseResult, summarize
 
 CHROMIUM = Path("/usr/bin/chromium")
 LEGACY_SERVER = Path(__file__).with_name("legacy_server.py")
@@ -218,7 +218,7 @@ def _env() -> dict:
 def test_capture_conformance_writes_the_page_next_to_the_json_from_the_same_data(tmp_path):
     report_dir = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "--launch", LEGACY_LAUNCH, "--profile", "smoke",
+        [sys.executable, "-m", "capture_conformance.harness.pytest_plugin.cli", "--launch", LEGACY_LAUNCH, "--profile", "smoke",
          "--report-dir", str(report_dir)],
         cwd=tmp_path, capture_output=True, text=True, timeout=240, env=_env())
     assert result.returncode == 1, result.stdout + result.stderr

@@ -95,6 +95,8 @@ def reference_server(tmp_path_factory):
         server.wait_ready(180)
         yield {"port": server.port, "url": server.url, "log": server.log_path}
 
+GENERIC_NAMES = ("fixtures", "harness", "suites", "bench", "reference_server")
+
 
 def test_the_light_install_has_no_torch_nnsight_or_transformers(light_venv):
     for module in HEAVY:
@@ -102,10 +104,16 @@ def test_the_light_install_has_no_torch_nnsight_or_transformers(light_venv):
                                timeout=60, env=_clean_env(), cwd="/")
         assert probe.returncode != 0, f"`import {module}` works in the light venv"
         assert f"No module named '{module}'" in probe.stderr, probe.stderr
+    # The project's own packages live under one namespace: nothing generic at the top level
+    # (`fixtures` is a well-known distribution of its own; two owners of one name break one of them).
+    for module in GENERIC_NAMES:
+        probe = subprocess.run([light_venv["python"], "-c", f"import {module}"], capture_output=True, text=True,
+                               timeout=60, env=_clean_env(), cwd="/")
+        assert f"No module named '{module}'" in probe.stderr, f"the install added a top-level {module!r}"
     # ... but the harness itself imports, with its pytest plugin registered
     probe = subprocess.run([light_venv["python"], "-c",
-                            "import harness.plugin, harness.tensors, harness.client, harness.report, "
-                            "harness.html_report, suites, sys; "
+                            "import capture_conformance.harness.pytest_plugin.plugin, capture_conformance.harness.protocol.tensors, capture_conformance.harness.protocol.client, capture_conformance.harness.pytest_plugin.report, "
+                            "capture_conformance.harness.pytest_plugin.html_report, capture_conformance.suites, sys; "
                             "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (HEAVY,)],
                            capture_output=True, text=True, timeout=60, env=_clean_env(), cwd="/")
     assert probe.returncode == 0, probe.stderr
@@ -158,4 +166,4 @@ def test_the_light_install_runs_the_suites_against_a_host(light_venv, reference_
     assert sum(t["outcome"] == "passed" for t in tests) > 90, len(tests)
     # -rs shows the reason, and where the skipped test lives: the light venv's installed suites
     assert "transformers is not installed (light install)" in result.stdout, result.stdout[-3000:]
-    assert "site-packages/suites/test_chat.py" in result.stdout, result.stdout[-3000:]
+    assert "site-packages/capture_conformance/suites/test_chat.py" in result.stdout, result.stdout[-3000:]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import chat_body, make_client
-from fixtures.tiny_model import TINY_MODEL_ID
-from reference_server import guards
-from reference_server.chat import template_messages
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.reference_server import guards
+from capture_conformance.reference_server.chat import template_messages
 
 CHAT = "/v1/chat/completions"
 KEY = {"Authorization": "Bearer s3cret"}
@@ -152,8 +152,8 @@ def test_the_key_is_compared_in_constant_time_whatever_the_scheme(keyed, monkeyp
 def test_an_error_after_the_stream_started_is_an_openai_error_event(client, monkeypatch):
     import json
 
-    from reference_server import service as service_module
-    from reference_server.errors import StorageFull
+    from capture_conformance.reference_server import service as service_module
+    from capture_conformance.reference_server.errors import StorageFull
 
     def full(self, *args, **kwargs):
         raise StorageFull("storage limit reached (--max-storage-mb)")

@@ -76,7 +76,7 @@ def workdir(tmp_path_factory, tiny_model_dir) -> Path:
 
 def conformance(workdir: Path, port: int, *args: str, ci: bool = False, report: str = "report"):
     report_dir = workdir / report
-    argv = [sys.executable, "-m", "harness.cli", "--host", "127.0.0.1", "--port", str(port), "--report-dir",
+    argv = [sys.executable, "-m", "capture_conformance.harness.pytest_plugin.cli", "--host", "127.0.0.1", "--port", str(port), "--report-dir",
             str(report_dir), *args]
     result = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=300, env=_env(ci))
     path = report_dir / "conformance-report.json"

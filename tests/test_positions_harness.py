@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from harness.plugin import SUITES_DIR
+from capture_conformance.harness.pytest_plugin.plugin import SUITES_DIR
 from test_harness_runs import LEGACY_LAUNCH, _env
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference_server.errors import NotFound, StorageFull, Unprocessable
-from reference_server.selectors import parse_selector
-from reference_server.storage import RunStore
+from capture_conformance.reference_server.errors import NotFound, StorageFull, Unprocessable
+from capture_conformance.reference_server.selectors import parse_selector
+from capture_conformance.reference_server.storage import RunStore
 
 from conftest import stored_run_ids
 

@@ -131,7 +131,7 @@ def test_no_op_values_and_edge_seeds_are_served(client, extra):
 
 
 def test_a_temperature_below_the_epsilon_is_greedy(client):
-    from reference_server.input_rules import GREEDY_TEMPERATURE_EPS
+    from capture_conformance.reference_server.input_rules import GREEDY_TEMPERATURE_EPS
 
     greedy = client.post(CHAT, json=chat_body(max_tokens=6, temperature=0, store_activations=True)).json()
     for temperature in (1e-300, 5e-324, GREEDY_TEMPERATURE_EPS / 2):

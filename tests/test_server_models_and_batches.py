@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import chat_body
-from reference_server.errors import Conflict
-from reference_server.nnsight_core import GenerationParams, GenerationRequest
-from reference_server.registry import ModelRegistry, ModelWorker
+from capture_conformance.reference_server.errors import Conflict
+from capture_conformance.reference_server.nnsight_core import GenerationParams, GenerationRequest
+from capture_conformance.reference_server.registry import ModelRegistry, ModelWorker
 
 
 class FakeModel:

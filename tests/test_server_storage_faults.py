@@ -24,7 +24,7 @@ import requests
 import torch
 
 from conftest import ServerProcess, chat_body, make_client, stored_run_ids
-from reference_server.storage import RunStore
+from capture_conformance.reference_server.storage import RunStore
 
 CHAT = "/v1/chat/completions"
 LIMIT = 1 << 20  # 1 MiB: a 2-token float32 logits capture (1.16 MiB) does not fit, a 1-token bfloat16 one does
@@ -155,12 +155,12 @@ def test_malformed_entries_are_skipped_and_logged_at_startup(tmp_path, caplog):
         (root / names[key]).mkdir()
         (root / names[key] / "manifest.json").write_text(text)
     (root / names["no manifest"]).mkdir()
-    with caplog.at_level(logging.WARNING, logger="reference_server.storage"):
+    with caplog.at_level(logging.WARNING, logger="capture_conformance.reference_server.storage"):
         store = RunStore(root)
     assert list(store._sizes) == [good_run]
     for name in list(names.values())[:4]:
         assert name in caplog.text, f"{name} not logged: {caplog.text}"
-    from reference_server.errors import NotFound
+    from capture_conformance.reference_server.errors import NotFound
 
     for name in names.values():
         with pytest.raises(NotFound):

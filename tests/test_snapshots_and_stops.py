@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.responses import Completion
-from harness.snapshots import SHIPPED_ROOT, ShapeSnapshot, ci_from_env
-from harness.stops import pick_stop
+from capture_conformance.harness.protocol.responses import Completion
+from capture_conformance.harness.pytest_plugin.snapshots import SHIPPED_ROOT, ShapeSnapshot, ci_from_env
+from capture_conformance.harness.protocol.stops import pick_stop
 
 
 def _completion(steps: int = 5, vocab: int = 97) -> Completion:

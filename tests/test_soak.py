@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import ServerProcess
-from harness.soak import run_soak
+from capture_conformance.harness.tools.soak import run_soak
 
 REQUESTS = 300
 

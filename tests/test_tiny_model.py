@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fixtures.tiny_model import TINY_MODEL_ID, corpus_rows, resolve_model_path
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID, corpus_rows, resolve_model_path
 
 PROMPTS = ["Tell me a short story about a fox.", "Ava has 3 apples and buys 5 more. How many apples does Ava have now?",
            "What is the meaning of life?", "Explain rain to a child.", "Count to three.", "Name a colour."]
@@ -56,7 +56,7 @@ def test_sampling_stays_in_the_tokenizer_vocabulary(hf_reference):
 def test_the_build_is_deterministic(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from fixtures.tiny_model import build_tiny_model
+    from capture_conformance.fixtures.tiny_model import build_tiny_model
 
     build_tiny_model(tmp_path)
     again, cached = load_file(str(tmp_path / "model.safetensors")), load_file(str(tiny_model_dir / "model.safetensors"))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.reference import Reference, Site, get_reference, parse_site
-from harness.values import compare, tolerance_for
+from capture_conformance.harness.protocol.reference import Reference, Site, get_reference, parse_site
+from capture_conformance.harness.protocol.values import compare, tolerance_for
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a fox."}]
 

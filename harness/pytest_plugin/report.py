@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from harness import PROTOCOL_VERSION
-from harness.areas import AREA_PROPERTY, OPTIONAL_AREAS, REQUIRED_AREAS
-from harness.diagnoses import group as group_causes
-from harness.diagnoses import missing_features
-from harness.html_report import HTML_FILE, write_html
-from harness.snapshots import USER_PROPERTY
+from capture_conformance.harness import PROTOCOL_VERSION
+from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, OPTIONAL_AREAS, REQUIRED_AREAS
+from capture_conformance.harness.pytest_plugin.diagnoses import group as group_causes
+from capture_conformance.harness.pytest_plugin.diagnoses import missing_features
+from capture_conformance.harness.pytest_plugin.html_report import HTML_FILE, write_html
+from capture_conformance.harness.pytest_plugin.snapshots import USER_PROPERTY
 
 REPORT_FILE = "conformance-report.json"
 REPORT_PLUGIN = "capture_conformance_report"  # the name the plugin registers the report under
@@ -146,7 +146,7 @@ def _message(report: pytest.TestReport) -> str:
     crash = getattr(longrepr, "reprcrash", None)
     text = crash.message if crash is not None else str(longrepr)
     text = text.strip()
-    for prefix in ("AssertionError: ", "harness.client.ServerFault: ", "Failed: "):
+    for prefix in ("AssertionError: ", "capture_conformance.harness.protocol.client.ServerFault: ", "Failed: "):
         text = text.removeprefix(prefix)
     return text[:MESSAGE_CHARS]
 
@@ -201,7 +201,7 @@ class ConformanceReport:
         write_html(report, self.directory)
 
     def as_json(self) -> dict[str, Any]:
-        from harness.state import STATE, options_of
+        from capture_conformance.harness.pytest_plugin.state import STATE, options_of
 
         options = options_of(self.config)
         state = self.config.stash.get(STATE, None)
@@ -291,7 +291,7 @@ class ConformanceReport:
 
 def _values_section(summary: Summary, facts: dict) -> dict:
     """The values area's verdict, its reference (model, device, dtype), tolerances and every comparison."""
-    from harness.values import CAPTURE_TOLERANCE, MODEL_TOLERANCE, SEPARATION
+    from capture_conformance.harness.protocol.values import CAPTURE_TOLERANCE, MODEL_TOLERANCE, SEPARATION
 
     comparisons = [value for key, value in sorted(facts.items()) if key.startswith("values:")
                    and isinstance(value, dict)]

@@ -1,7 +1,7 @@
 """Fixtures of the values area: the reference computation, the tolerances, one checker for every comparison.
 
-Imported by ``suites/conftest.py`` only, like ``harness.fixtures``. The reference
-model is loaded once per process (``harness.reference.get_reference``), on the
+Imported by ``suites/conftest.py`` only, like ``capture_conformance.harness.pytest_plugin.fixtures``. The reference
+model is loaded once per process (``capture_conformance.harness.protocol.reference.get_reference``), on the
 first values test, so runs that deselect the area never pay for it.
 """
 
@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness.client import CaptureClient, ServerFault
-from harness.fixtures import _record_fact
-from harness.ground_truth import GroundTruth
-from harness.reference import ReferenceStatus, Site, get_reference, parse_site
-from harness.responses import Completion
-from harness.runs import CaptureRuns
-from harness.values import Comparison, compare, tolerance_for
+from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
+from capture_conformance.harness.pytest_plugin.fixtures import _record_fact
+from capture_conformance.harness.protocol.ground_truth import GroundTruth
+from capture_conformance.harness.protocol.reference import ReferenceStatus, Site, get_reference, parse_site
+from capture_conformance.harness.protocol.responses import Completion
+from capture_conformance.harness.protocol.runs import CaptureRuns
+from capture_conformance.harness.protocol.values import Comparison, compare, tolerance_for
 
 NOT_VERIFIABLE = "values not verifiable"
 
@@ -100,7 +100,7 @@ class ValueChecks:
             if not reference.has_module(site.module_path):
                 raise AssertionError(f"`{name}`: selector {selector!r} names no module of the reference model")
             sites[name] = site
-        from harness.values import candidate_sites
+        from capture_conformance.harness.protocol.values import candidate_sites
 
         asked: list[Site] = []
         for site in sites.values():

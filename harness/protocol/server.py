@@ -54,7 +54,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def bundled_command(port: int, model: str, storage_dir: str, api_key: str | None = None) -> list[str]:
-    command = [sys.executable, "-m", "reference_server", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "capture_conformance.reference_server", "--host", "127.0.0.1", "--port", str(port),
                "--model", model, "--storage-dir", storage_dir]
     if api_key:
         command += ["--api-key", api_key]
@@ -148,7 +148,7 @@ class ManagedServer:
         if launch:
             argv = launch_command(launch, port, str(workdir / "storage"))
         else:
-            from fixtures.tiny_model import TINY_MODEL_ID
+            from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 
             model = model or TINY_MODEL_ID
             argv = bundled_command(port, model, str(workdir / "storage"), api_key)

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from harness.responses import Completion
+    from capture_conformance.harness.protocol.responses import Completion
 
-SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "suites" / "__snapshots__"
+SHIPPED_ROOT = Path(__file__).resolve().parent.parent.parent / "suites" / "__snapshots__"
 DEFAULT_DIR_NAME = "capture-snapshots"
 USER_PROPERTY = "capture_snapshot"
 CI_TRUE = ("1", "true", "yes")

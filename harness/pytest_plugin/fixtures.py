@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from harness.client import CaptureClient, ServerFault
-from harness.dialects import V1, loaded_models
-from harness.dialects import detect as detect_dialect
-from harness.features import Features
-from harness.ground_truth import GroundTruth, resolve_ground_truth
-from harness.options import Options
-from harness.plugin import acquire_target
-from harness.state import STATE, Target, options_of
-from harness.runs import CaptureRuns
-from harness.snapshots import ShapeSnapshot, ci_from_env
+from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
+from capture_conformance.harness.protocol.dialects import V1, loaded_models
+from capture_conformance.harness.protocol.dialects import detect as detect_dialect
+from capture_conformance.harness.protocol.features import Features
+from capture_conformance.harness.protocol.ground_truth import GroundTruth, resolve_ground_truth
+from capture_conformance.harness.pytest_plugin.options import Options
+from capture_conformance.harness.pytest_plugin.plugin import acquire_target
+from capture_conformance.harness.pytest_plugin.state import STATE, Target, options_of
+from capture_conformance.harness.protocol.runs import CaptureRuns
+from capture_conformance.harness.pytest_plugin.snapshots import ShapeSnapshot, ci_from_env
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.reference import Site, layer_of
+from capture_conformance.harness.protocol.reference import Site, layer_of
 
 # Relative error (Frobenius, over the compared steps) allowed for the server's model dtype:
 # fp32 servers differ from a full-sequence pass only by kernel and cache order (1e-6 on

@@ -15,10 +15,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from harness.client import Answer, CaptureClient, ServerFault
-from harness.missing import MISSING, FeatureMissing
-from harness.responses import SavepointMeta
-from harness.tensors import size_cap
+from capture_conformance.harness.protocol.client import Answer, CaptureClient, ServerFault
+from capture_conformance.harness.protocol.missing import MISSING, FeatureMissing
+from capture_conformance.harness.protocol.responses import SavepointMeta
+from capture_conformance.harness.protocol.tensors import size_cap
 
 # What web frameworks put in the body of their own 404 for an unknown path.
 GENERIC_NOT_FOUND = {"not found", "404 not found", "404: not found", "404 page not found", "the requested url was not found on the server."}

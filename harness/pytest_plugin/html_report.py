@@ -203,10 +203,10 @@ def write_html(report: dict[str, Any], directory: Path | str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.html_report REPORT.json [OUT.html]``: re-render a saved report."""
+    """``python -m capture_conformance.harness.pytest_plugin.html_report REPORT.json [OUT.html]``: re-render a saved report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m harness.html_report conformance-report.json [out.html]")
+        print("usage: python -m capture_conformance.harness.pytest_plugin.html_report conformance-report.json [out.html]")
         return 0 if argv else 2
     source = Path(argv[0])
     target = Path(argv[1]) if len(argv) > 1 else source.with_name(HTML_FILE)

@@ -8,10 +8,10 @@ from typing import Iterator
 
 import numpy as np
 
-from harness.client import Answer, CaptureClient
-from harness.ground_truth import GroundTruth
-from harness.responses import Completion, SavepointMeta
-from harness.tensors import LoadedTensor, itemsize
+from capture_conformance.harness.protocol.client import Answer, CaptureClient
+from capture_conformance.harness.protocol.ground_truth import GroundTruth
+from capture_conformance.harness.protocol.responses import Completion, SavepointMeta
+from capture_conformance.harness.protocol.tensors import LoadedTensor, itemsize
 
 
 def symbolic(shape: list[int] | tuple[int, ...], truth: GroundTruth) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from harness.client import CaptureClient, ServerFault, excerpt
-from harness.dialects import looks_like_capture_health
+from capture_conformance.harness.protocol.client import CaptureClient, ServerFault, excerpt
+from capture_conformance.harness.protocol.dialects import looks_like_capture_health
 
 LOADING_POLL_S = 1.0
 

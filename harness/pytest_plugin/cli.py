@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.html_report import HTML_FILE
-from harness.options import FLAGS, forwarded
-from harness.plugin import SUITES_DIR
-from harness.report import REPORT_FILE, REPORT_PLUGIN
+from capture_conformance.harness.pytest_plugin.html_report import HTML_FILE
+from capture_conformance.harness.pytest_plugin.options import FLAGS, forwarded
+from capture_conformance.harness.pytest_plugin.plugin import SUITES_DIR
+from capture_conformance.harness.pytest_plugin.report import REPORT_FILE, REPORT_PLUGIN
 
 JUNIT_FILE = "conformance.junit.xml"
 

@@ -1,6 +1,6 @@
 """Read a ``capture-collect`` output directory: from collection to a probe in a few lines.
 
-    from harness.dataset import load_run
+    from capture_conformance.harness.tools.dataset import load_run
     run = load_run("runs/gsm")
     X, mask = run.padded("model.layers[0]")    # [R, T_max, D] float32, [R, T_max] bool
     y = run.correct                            # [R] bool, aligned with the manifest rows
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tensors import load_tensor_file
+from capture_conformance.harness.protocol.tensors import load_tensor_file
 
 
 @dataclass

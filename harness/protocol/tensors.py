@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.client import ServerFault
+from capture_conformance.harness.protocol.client import ServerFault
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # The slack allowed on top of numel * itemsize: a .pt zip or a safetensors header is a

@@ -13,10 +13,10 @@ import os
 import threading
 from typing import Any, Mapping, Sequence
 
-from harness.client import CaptureClient, ServerFault, chat_body
-from harness.dialects import missing
-from harness.responses import Completion, SavepointMeta
-from harness.tensors import LoadedTensor, load_tensor_file, size_cap
+from capture_conformance.harness.protocol.client import CaptureClient, ServerFault, chat_body
+from capture_conformance.harness.protocol.dialects import missing
+from capture_conformance.harness.protocol.responses import Completion, SavepointMeta
+from capture_conformance.harness.protocol.tensors import LoadedTensor, load_tensor_file, size_cap
 
 
 class CaptureRuns:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tensors import load_tensor_file
+from capture_conformance.harness.protocol.tensors import load_tensor_file
 
 LOGIT_NAMES = ("_logits", "logits", "lm_head", "lm_head.output")
 MAX_TOKEN_LABELS = 48  # more labels than this are unreadable: the axis then shows positions
@@ -115,7 +115,7 @@ def pick_logits(arrays: dict[str, np.ndarray], vocab_size: int | None = None) ->
 def _vocab_size(model: str | None) -> int | None:
     if not model:
         return None
-    from .ground_truth import locate_model_dir, read_model_config
+    from capture_conformance.harness.protocol.ground_truth import locate_model_dir, read_model_config
 
     model_dir = locate_model_dir(model)
     return read_model_config(model_dir).get("vocab_size") if model_dir else None
@@ -128,7 +128,7 @@ def token_labels(info: RunInfo, length: int) -> list[str] | None:
     ids = info.completion_ids if info.positions == "generated" else info.prompt_ids + info.completion_ids
     if len(ids) < length:
         return None
-    from .ground_truth import resolve_ground_truth
+    from capture_conformance.harness.protocol.ground_truth import resolve_ground_truth
 
     tokenizer = resolve_ground_truth(info.model).tokenizer
     if tokenizer is None:
@@ -207,7 +207,7 @@ def plot_collection(directory: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .dataset import load_run as load_collection
+    from capture_conformance.harness.tools.dataset import load_run as load_collection
 
     run = load_collection(directory)
     vocab = _vocab_size(run.settings.get("model"))

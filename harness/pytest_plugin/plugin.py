@@ -5,7 +5,7 @@ everything here is inert unless the conformance suites are part of the run:
 options are only read, the server is only started when a suite needs it (or,
 under pytest-xdist, when the controller sees the suites among the run's paths),
 profile deselection only touches items of the suites package, and the fixtures
-themselves live in ``harness.fixtures``, which only ``suites/conftest.py`` imports.
+themselves live in ``capture_conformance.harness.pytest_plugin.fixtures``, which only ``suites/conftest.py`` imports.
 
 Who owns the server: the process that runs the tests, or under pytest-xdist the
 controller, which starts it in ``pytest_sessionstart`` (before the workers
@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from harness.areas import AREA_PROPERTY, AREAS, BY_NAME, MARKER
-from harness.missing import FeatureMissing
-from harness.options import PROFILES, Options, add_flags
-from harness.server import ManagedServer, ServerStartError
-from harness.state import STATE, HarnessState, Target, options_of
+from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, AREAS, BY_NAME, MARKER
+from capture_conformance.harness.protocol.missing import FeatureMissing
+from capture_conformance.harness.pytest_plugin.options import PROFILES, Options, add_flags
+from capture_conformance.harness.protocol.server import ManagedServer, ServerStartError
+from capture_conformance.harness.pytest_plugin.state import STATE, HarnessState, Target, options_of
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 WORKERINPUT_KEY = "capture_conformance_target"
 
 
@@ -83,11 +83,11 @@ def pytest_configure(config: pytest.Config) -> None:
         # delete, the sets of tests that merely did not run. Obsolete files are removed by hand.
         config.option.disable_unused_snapshots = True
     if config.getoption("conformance_report") and not is_xdist_worker(config):
-        from harness.report import REPORT_PLUGIN, ConformanceReport
+        from capture_conformance.harness.pytest_plugin.report import REPORT_PLUGIN, ConformanceReport
 
         config.pluginmanager.register(ConformanceReport(config), REPORT_PLUGIN)
     if options.remote_url and not is_xdist_worker(config) and not _just_looking(config):
-        from harness.probe import probe_capture_server
+        from capture_conformance.harness.protocol.probe import probe_capture_server
 
         problem = probe_capture_server(options.remote_url, options.api_key, options.startup_timeout)
         if problem:
@@ -246,12 +246,12 @@ def _known_dialect(config: pytest.Config, options: Options) -> str | None:
 
     None for a --launch command (not started yet): its dialect-specific tests then skip at run time instead.
     """
-    from harness.dialects import V1, detect
+    from capture_conformance.harness.protocol.dialects import V1, detect
 
     if options.dialect != "auto":
         return options.dialect
     if options.remote_url:
-        from harness.client import CaptureClient, ServerFault
+        from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
 
         try:
             return detect(CaptureClient(options.remote_url, api_key=options.api_key, timeout_s=10.0).health().json())

@@ -1,7 +1,7 @@
 """What a target lacks, said once: the skip reason's prefix and the exception the protocol library raises.
 
 The library imports no pytest: it raises ``FeatureMissing``, and the pytest face
-(``harness.plugin``) reports it as a skip whose reason starts with ``MISSING``;
+(``capture_conformance.harness.pytest_plugin.plugin``) reports it as a skip whose reason starts with ``MISSING``;
 the report lists each such thing once, in its "missing from protocol v1" summary.
 """
 

@@ -2,7 +2,7 @@
 
 Short form in CI (``tests/test_soak.py``), long form as a script::
 
-    python -m harness.soak --url http://127.0.0.1:8006 --requests 5000 --threads 8 \
+    python -m capture_conformance.harness.tools.soak --url http://127.0.0.1:8006 --requests 5000 --threads 8 \
         [--storage-dir DIR] [--pid PID]
 
 Checks, after the load: no 5xx for any request; every valid response keeps the
@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fixtures.tiny_model import TINY_MODEL_ID
-from harness.checks import expect_tensor_matches_meta, expect_token_counts
-from harness.client import DEFAULT_PORT, CaptureClient, chat_body
-from harness.responses import Completion
-from harness.runs import CaptureRuns
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.harness.protocol.checks import expect_tensor_matches_meta, expect_token_counts
+from capture_conformance.harness.protocol.client import DEFAULT_PORT, CaptureClient, chat_body
+from capture_conformance.harness.protocol.responses import Completion
+from capture_conformance.harness.protocol.runs import CaptureRuns
 
 PROMPTS = [
     "Tell me a short story about a fox.",
@@ -218,7 +218,7 @@ def _check_files(client: CaptureClient, model: str, result: SoakResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capture_conformance.harness.tools.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help=f"base URL of the server, e.g. http://127.0.0.1:{DEFAULT_PORT}")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=8)

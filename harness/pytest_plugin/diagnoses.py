@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from harness.missing import MISSING
+from capture_conformance.harness.protocol.missing import MISSING
 
 # (rank: lower is more basic, pattern searched in the first line, cause)
 KNOWN: list[tuple[int, str, str]] = [

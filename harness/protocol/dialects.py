@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.missing import missing  # noqa: F401  (the suites import it from here too)
+from capture_conformance.harness.protocol.missing import missing  # noqa: F401  (the suites import it from here too)
 
 V1, STORE, INTERVENTIONS = "protocol-v1", "store_activations", "interventions"
 DIALECTS = (V1, STORE, INTERVENTIONS)

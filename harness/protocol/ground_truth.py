@@ -128,7 +128,7 @@ def resolve_ground_truth(
 def locate_model_dir(model_id: str) -> Path | None:
     """A local directory holding ``config.json`` for ``model_id``, without any download."""
     try:
-        from fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model, tiny_model_dir
+        from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model, tiny_model_dir
 
         if model_id == TINY_MODEL_ID:
             built = tiny_model_dir()

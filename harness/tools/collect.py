@@ -9,7 +9,7 @@ one finishes. ``settings.json`` beside it records what the run asks for (model,
 savepoints, tokens, positions, dtype, format, template, temperature,
 max_tokens); ``--resume`` skips the ids already done, and refuses to continue a
 run made with other settings. Without ``--host``/``--url`` the bundled reference
-server is started for the run. ``harness.dataset.load_run(OUT)`` reads the result.
+server is started for the run. ``capture_conformance.harness.tools.dataset.load_run(OUT)`` reads the result.
 
     capture-collect --input fixtures/gsm8k_sample.jsonl --out runs/gsm \\
         --savepoints lm_head model.layers[0] [--positions prompt] [--host H --port P] [--resume]
@@ -25,8 +25,8 @@ import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from .client import CaptureClient, ServerFault
-from .tensors import size_cap
+from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
+from capture_conformance.harness.protocol.tensors import size_cap
 
 SETTINGS_FILE = "settings.json"
 # A request refused with one of these may succeed later; any other 4xx will be refused for every problem.
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     server = None
     if args.url is None and args.host is None:
-        from .server import ManagedServer, ServerStartError
+        from capture_conformance.harness.protocol.server import ManagedServer, ServerStartError
 
         server = ManagedServer.prepare(launch=None, model=args.model, api_key=args.api_key, startup_timeout_s=300.0)
         print(f"capture-collect: no --host: starting the bundled reference server ({args.model})", file=sys.stderr)
@@ -257,7 +257,7 @@ def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: P
              settings: dict) -> int:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from .probe import probe_capture_server
+    from capture_conformance.harness.protocol.probe import probe_capture_server
 
     if args.concurrency < 1:
         print("capture-collect: --concurrency must be at least 1", file=sys.stderr)
@@ -335,7 +335,7 @@ class _PromptText:
             return None
         if not self._tried:
             self._tried = True
-            from .ground_truth import resolve_ground_truth
+            from capture_conformance.harness.protocol.ground_truth import resolve_ground_truth
 
             try:
                 self._tokenizer = resolve_ground_truth(self._model).tokenizer

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from harness.areas import AREAS, FEATURES
-from harness.client import DEFAULT_PORT
+from capture_conformance.harness.pytest_plugin.areas import AREAS, FEATURES
+from capture_conformance.harness.protocol.client import DEFAULT_PORT
 
 PROFILES = ("smoke", "core", "full")
 

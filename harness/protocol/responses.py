@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from harness.client import ServerFault, excerpt
+from capture_conformance.harness.protocol.client import ServerFault, excerpt
 
 
 def _brief(body: Any) -> str:
@@ -123,7 +123,7 @@ class Completion:
     def _v1_field(self, name: str, kind: type) -> Any:
         """A protocol-v1 field: a defect when a v1 server lacks it, "missing" for another dialect."""
         if name not in self.body and self.dialect != "protocol-v1":
-            from harness.missing import missing
+            from capture_conformance.harness.protocol.missing import missing
 
             missing(f"'{name}' in chat responses", self.dialect)
         return field(self.body, name, kind)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from harness.options import Options
-from harness.server import HealthProbe, ManagedServer, log_tail
+from capture_conformance.harness.pytest_plugin.options import Options
+from capture_conformance.harness.protocol.server import HealthProbe, ManagedServer, log_tail
 
 
 @dataclass

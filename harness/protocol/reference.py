@@ -213,7 +213,7 @@ def _load(wanted: str, device: str, model_dir: str | None) -> ReferenceStatus:
         return ReferenceStatus(False, f"{exc.name or 'torch/transformers'} is not installed (light install; "
                                       f"{EXTRA_HINT} adds the reference computation)")
     if model_dir is None:
-        from harness.ground_truth import locate_model_dir
+        from capture_conformance.harness.protocol.ground_truth import locate_model_dir
 
         located = locate_model_dir(wanted)
         model_dir = str(located) if located is not None else None

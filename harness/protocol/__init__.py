@@ -1,0 +1,1 @@
+"""The protocol library: talking to a capture server and judging what it answers. No pytest, no server code."""

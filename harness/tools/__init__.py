@@ -1,0 +1,1 @@
+"""Tools on the protocol library: collection runs, plots, the soak."""
