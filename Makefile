@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 conformance: setup
 	$(BIN)/capture-conformance --report-dir reports
 
-## All tests: the project's own tests and the conformance suites, two workers.
+## All tests: the project's own tests and the conformance suites, two workers
+## (worksteal: an idle worker takes queued tests from the busy one, so the run ends together).
 test: setup
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)
 
 server: setup
 	$(BIN)/capture-server --port 8006

@@ -97,6 +97,32 @@ def server_process(tmp_path_factory, tiny_model_dir):
         server.stop()
 
 
+# The pytest11 plugins a conformance run needs; the dev environment autoloads more (schemathesis,
+# hypothesis, anyio, xdist, timeout), which costs ~2 s of CPU per inner pytest run.
+CONFORMANCE_PLUGINS = "capture_conformance.harness.pytest_plugin.plugin,syrupy"
+
+
+def inner_pytest_env(*, lean: bool = True, ci: bool | None = None) -> dict[str, str]:
+    """The environment of a pytest run these tests start: none of the outer run's identity.
+
+    An outer xdist worker's variables would leak into the inner run (syrupy reads them);
+    ``lean`` loads only the conformance plugins (not for tests of plugin autoloading itself);
+    ``ci`` sets or clears CI (our CI sets CI=true, which decides whether snapshots are recorded).
+    """
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, "1")
+    if lean:
+        env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", PYTEST_PLUGINS=CONFORMANCE_PLUGINS)
+    if ci is not None:
+        env.pop("CI", None)
+        if ci:
+            env["CI"] = "true"
+    return env
+
+
 def stored_run_ids(store) -> list[str]:
     """The run directories a store holds on disk (the staging area aside), sorted."""
     return sorted(p.name for p in store.root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))

@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from conftest import inner_pytest_env
+
 REPO = Path(__file__).resolve().parent.parent
 UNFAULTED = "none"
 PROFILE = "core"
@@ -45,19 +47,14 @@ def launch_command(fault: str) -> str:
 
 
 def subprocess_env() -> dict[str, str]:
-    """This environment, less the outer pytest/xdist identity (syrupy and the plugin read it), hub offline.
+    """The inner runs' environment (``conftest.inner_pytest_env``: no outer pytest/xdist identity, hub offline,
+    only the conformance plugins).
 
     Each case's server (and its torch) gets one intra-op thread: under ``-n 2`` two
     cases, each a server and a client, already share the two cores, and torch's
     default of one thread per core only makes them fight (the answers are the same).
     """
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"))}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(name, "1")
-    return env
+    return inner_pytest_env()
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,14 +14,15 @@ import pytest
 from capture_conformance.harness.pytest_plugin.plugin import SUITES_DIR
 from legacy_server import ScriptedServer, healthy_routes
 
+from conftest import inner_pytest_env
+
 LEGACY_SERVER = Path(__file__).with_name("legacy_server.py")
 LEGACY_LAUNCH = f"python {LEGACY_SERVER} --port {{port}} --storage-dir {{storage_dir}}"
 
 
 def _env() -> dict:
-    # An outer xdist run must not leak its worker identity into the inner run (syrupy reads it).
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"))}
+    # These runs test how the plugin is found (its pytest11 entry point): autoloading stays on.
+    return inner_pytest_env(lean=False)
 
 
 def run(argv: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -22,6 +22,8 @@ from pathlib import Path
 from capture_conformance.harness.pytest_plugin.html_report import HTML_FILE, main as html_main, render_html
 from capture_conformance.harness.pytest_plugin.report import REPORT_FILE, CaseResult, summarize
 
+from conftest import inner_pytest_env
+
 CHROMIUM = Path("/usr/bin/chromium")
 LEGACY_SERVER = Path(__file__).with_name("legacy_server.py")
 LEGACY_LAUNCH = f"python {LEGACY_SERVER} --port {{port}} --storage-dir {{storage_dir}}"
@@ -211,8 +213,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def _env() -> dict:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"))}
+    return inner_pytest_env()
 
 
 def test_capture_conformance_writes_the_page_next_to_the_json_from_the_same_data(tmp_path):

@@ -11,7 +11,6 @@ must get a green ``capture-conformance --host … --port …`` on its first run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import free_port, inner_pytest_env
 
 OTHER_SERVER = Path(__file__).with_name("other_stack_server.py")
 INTERVENTIONS_SERVER = Path(__file__).with_name("interventions_server.py")
@@ -29,12 +28,7 @@ MODEL = "other-qwen3"  # a directory in the runs' working directory: the harness
 
 def _env(ci: bool = False) -> dict:
     # The outer run (our CI sets CI=true) must not decide whether the inner run records snapshots.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS")) and k != "CI"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    if ci:
-        env["CI"] = "true"
-    return env
+    return inner_pytest_env(ci=ci)
 
 
 class OtherServer:
