@@ -7,31 +7,27 @@ anything.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import threading
 from contextlib import asynccontextmanager
 from typing import Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admission import CaptureBudget, default_budget_bytes
-from .errors import CaptureError, NotReady, error_body
+from .errors import CaptureError, error_body
 from .guards import ApiKeyGuard, BodySizeLimit
 from .input_rules import json_safe, validation_detail
 from .registry import ModelRegistry
-from .schemas import ChatRequest, LoadRequest, PureRequest
+from .routes import ACTIVATION_ROUTE, PROTOCOL_VERSION, router
 from .service import CaptureService
 from .settings import Settings
 from .storage import RunStore
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = "1.1"
 
 
 class Readiness:
@@ -40,40 +36,6 @@ class Readiness:
     def __init__(self) -> None:
         self.ready = threading.Event()
         self.failure: str | None = None
-
-
-def _stream_error(status: int, detail: str) -> dict:
-    """An error event after a stream started: OpenAI's envelope, with the protocol's status as ``code``."""
-    return {"error": {**error_body(status, detail)["error"], "code": status}}
-
-
-def _read_chunks(handle, chunk: int = 1 << 20):
-    with handle:
-        while data := handle.read(chunk):
-            yield data
-
-
-async def _disconnected(request: Request) -> None:
-    # The body is read already: what receive() gives now is the client hanging up.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work):
-    """Await ``work``; if the client hangs up first, cancel it (its generation stops, nothing is stored)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error has no reader
-            log.info("client left %s before its answer: generation cancelled, nothing stored", request.url.path)
-    if not task.done() or task.cancelled():
-        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
-    return task.result()
 
 
 def create_app(
@@ -96,7 +58,10 @@ def create_app(
         log.info("capture budget: %.0f MiB of captures in flight (--capture-budget-mb)", budget.limit_bytes / 2**20)
     else:
         budget = CaptureBudget(default_budget_bytes()[0])  # derived again once the startup model is in memory
-    service = CaptureService(settings, registry, store, budget)
+    # Download URLs come from the route itself, so the service never spells the path.
+    service = CaptureService(settings, registry, store, budget,
+                             activation_url=lambda run_id, name: app.url_path_for(ACTIVATION_ROUTE, run_id=run_id,
+                                                                                  name=name))
     readiness = Readiness()
 
     def load_startup_model() -> None:
@@ -164,77 +129,5 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body(500, f"internal error ({type(exc).__name__})"), status_code=500)
 
-    def require_ready() -> None:
-        if not readiness.ready.is_set():
-            raise NotReady(readiness.failure or "the startup model is still loading")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not readiness.ready.is_set():
-            body = {"status": "failed", "detail": readiness.failure} if readiness.failure else {"status": "loading"}
-            return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ok", "loaded_models": registry.ids(), "protocol": PROTOCOL_VERSION,
-                             "capture_budget": budget.snapshot()})
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        require_ready()
-        return service.models_list()
-
-    @app.post("/models/load")
-    async def load_model(req: LoadRequest) -> dict:
-        require_ready()
-        import anyio
-
-        # Loading takes seconds to minutes: off the event loop.
-        await anyio.to_thread.run_sync(registry.load, req.model_id, req.device_map, req.dtype)
-        return {"ok": True, "model": registry.loaded_id(req.model_id) or req.model_id}
-
-    @app.post("/test_pure_nnsight")
-    async def test_pure_nnsight(req: PureRequest, request: Request):
-        require_ready()
-        return await _unless_disconnected(request, service.pure_nnsight(req))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request):
-        require_ready()
-        if not req.stream:
-            return await _unless_disconnected(request, service.chat_completion(req))
-        prepared = service.prepare_chat(req)  # a refused request is a 4xx (or the budget's 503), not a stream
-
-        async def events():
-            try:
-                async for chunk in service.chat_completion_stream(prepared):
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            except CaptureError as exc:  # the status line is sent already: report in the stream
-                yield f"data: {json.dumps(_stream_error(exc.status_code, exc.detail))}\n\n"
-            except Exception as exc:
-                log.exception("streamed generation failed")
-                yield f"data: {json.dumps(_stream_error(500, f'internal error ({type(exc).__name__})'))}\n\n"
-            finally:
-                prepared.reservation.release()  # the capture's files are written (or it failed)
-            yield "data: [DONE]\n\n"
-
-        # The background task releases the budget too when the stream never started (idempotent).
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 background=BackgroundTask(prepared.reservation.release))
-
-    # A sync endpoint on purpose: it runs in anyio's thread pool, which is what
-    # nnsight's `.save` mount breaks; the tests download through it after nnsight loaded.
-    @app.get("/v1/activations/{run_id}/{name}")
-    def get_activation(run_id: str, name: str) -> StreamingResponse:
-        # Opened here, before the status line: a DELETE racing this download removes the
-        # run's name, not the open file, so the client gets all of it or a 404, never a cut body.
-        handle, size = store.open_file(run_id, name)
-        return StreamingResponse(_read_chunks(handle), media_type="application/octet-stream",
-                                 headers={"content-length": str(size)})
-
-    @app.delete("/v1/activations/{run_id}", status_code=204)
-    async def delete_run(run_id: str) -> Response:
-        import anyio
-
-        # In a thread: it waits for the storage lock, which a large write holds for seconds.
-        await anyio.to_thread.run_sync(store.delete_run, run_id)
-        return Response(status_code=204)
-
+    app.include_router(router)
     return app

@@ -14,17 +14,18 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from . import chat
 from .admission import NO_RESERVATION, CaptureBudget, Reservation
 from .errors import BadRequest, CaptureError, Unprocessable
 from .input_rules import GREEDY_TEMPERATURE_EPS
-from .registry import ModelRegistry
-from .schemas import ChatRequest, PureRequest
+from .registry import ModelRegistry, ModelWorker
+from .schemas import CaptureOptions, ChatRequest, PureRequest
 from .selectors import parse_selector
 from .settings import Settings
 from .storage import RunStore
+from .types import DTYPES, GenerationParams, GenerationRequest, PlannedSavepoint
 
 log = logging.getLogger(__name__)
 DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}]
@@ -44,21 +45,22 @@ class PreparedChat:
     """A validated chat request, ready to generate."""
 
     req: ChatRequest
-    worker: object
+    worker: ModelWorker
     prompt_ids: list[int]
-    params: object
-    plan: list
-    options: dict
+    params: GenerationParams
+    plan: list[PlannedSavepoint]
+    options: CaptureOptions
     wants_capture: bool
     reservation: Reservation = NO_RESERVATION  # its share of the capture budget, held until the files are written
 
 
 class CaptureService:
     def __init__(self, settings: Settings, registry: ModelRegistry, store: RunStore,
-                 budget: CaptureBudget | None = None):
+                 budget: CaptureBudget | None = None, *, activation_url: Callable[[str, str], str]):
         self.settings = settings
         self.registry = registry
         self.store = store
+        self.activation_url = activation_url  # (run_id, savepoint name) -> the download path; the app passes its route
         self.budget = budget or CaptureBudget(int((settings.capture_budget_mb or 4096.0) * 2**20))
         # Files are written by one writer thread: the event loop stays free, and the
         # next request's generation (on the model's worker) overlaps this request's I/O.
@@ -74,8 +76,6 @@ class CaptureService:
         return value
 
     def _plan(self, model, savepoints) -> list:
-        from .nnsight_core import PlannedSavepoint
-
         specs = savepoints if savepoints is not None else DEFAULT_SAVEPOINTS
         if len(specs) > self.settings.max_savepoints:
             raise Unprocessable(
@@ -111,15 +111,12 @@ class CaptureService:
             raise Unprocessable("stop takes at most 4 non-empty strings")
         capture = req.capture
         wants_capture = req.store_activations or capture is not None
-        options = capture.model_dump() if capture else {"savepoints": None, "tokens": "all", "dtype": "float32", "format": "pt",
-                                                        "positions": "generated"}
-        plan = self._plan(model, options["savepoints"]) if wants_capture else []
+        options = capture if capture is not None else CaptureOptions()  # store_activations alone: the defaults
+        plan = self._plan(model, options.savepoints) if wants_capture else []
         prompt_ids = self._render_prompt(model, [m.model_dump() for m in req.messages])
         self._check_context(model, len(prompt_ids), max_tokens)
         # After rendering: prompt and sequence captures grow with the prompt's length.
         capture_bytes = self._check_capture_size(plan, max_tokens, options, len(prompt_ids))
-
-        from .nnsight_core import GenerationParams
 
         params = GenerationParams(
             max_new_tokens=max_tokens,
@@ -131,7 +128,7 @@ class CaptureService:
         )
         # Admission last: a request refused for any other reason never holds budget. A batched
         # generate keeps every step of every savepoint until it ends, whatever `tokens` asks.
-        steps_held = 1 if options["tokens"] == "all" else max_tokens
+        steps_held = 1 if options.tokens == "all" else max_tokens
         reservation = self.budget.reserve(capture_bytes * steps_held)
         return PreparedChat(req, worker, prompt_ids, params, plan, options, wants_capture, reservation)
 
@@ -242,26 +239,24 @@ class CaptureService:
             except CaptureError as exc:  # evicted meanwhile, or a read-only store: nothing more to do
                 log.warning("could not discard run %s of a client that left: %s", run_id, exc.detail)
 
-    def _check_capture_size(self, plan, max_tokens: int, options: dict, prompt_len: int = 0) -> int:
+    def _check_capture_size(self, plan, max_tokens: int, options: CaptureOptions, prompt_len: int = 0) -> int:
         """Refuse, before generating, a request whose capture could exceed --max-capture-mb; its worst-case bytes.
 
         Counts every position kept: N for generated, P for prompt, P+N for sequence.
         """
-        from .nnsight_core import DTYPES
-
-        positions = options.get("positions", "generated")
+        positions = options.positions
         kept = {"generated": max_tokens, "prompt": prompt_len, "sequence": prompt_len + max_tokens}[positions]
-        steps = kept if options["tokens"] == "all" else 1
-        itemsize = DTYPES[options["dtype"]].itemsize
+        steps = kept if options.tokens == "all" else 1
+        itemsize = DTYPES[options.dtype].itemsize
         # tokens "first" of prompt positions still has lm_head computed at every prompt position first.
-        first_of_prompt = options["tokens"] == "first" and positions != "generated"
+        first_of_prompt = options.tokens == "first" and positions != "generated"
         total = sum((prompt_len if first_of_prompt and sp.site.last_only else steps)
                     * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
         limit = self.settings.max_capture_mb
         if total > limit * 2**20:
             raise Unprocessable(
                 f"this capture could write {total / 2**20:.1f} MiB, over the limit of {limit:g} MiB "
-                f"(--max-capture-mb){_positions_note(positions, prompt_len, max_tokens, options['tokens'])}; "
+                f"(--max-capture-mb){_positions_note(positions, prompt_len, max_tokens, options.tokens)}; "
                 "ask for fewer tokens, savepoints or a smaller dtype"
             )
         return total
@@ -282,17 +277,15 @@ class CaptureService:
         return chat.render_prompt(model.tokenizer, messages)
 
     async def _generate(self, worker, prompt_ids, params, plan, options, on_token=None):
-        from .nnsight_core import DTYPES, GenerationRequest
-
         return await worker.generate(
-            GenerationRequest(prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]], on_token,
-                              options.get("positions", "generated"))
+            GenerationRequest(prompt_ids, params, plan, options.tokens, DTYPES[options.dtype], on_token,
+                              options.positions)
         )
 
     def _store(self, generation, plan, options) -> dict:
         run_id, stored = self.store.write_run(
             generation.tensors,
-            options["format"],
+            options.format,
             extra={"completion_token_ids": generation.token_ids},
         )
         by_name = {sp.name: sp for sp in plan}
@@ -303,11 +296,11 @@ class CaptureService:
                 "numel": f.numel,
                 "size_mb": f.size_mb,
                 "file_path": str(f.path),
-                "url": f"/v1/activations/{run_id}/{name}",
+                "url": self.activation_url(run_id, name),
                 "selector": by_name[name].selector.text,
-                "tokens": options["tokens"],
-                "format": options["format"],
-                "positions": options.get("positions", "generated"),
+                "tokens": options.tokens,
+                "format": options.format,
+                "positions": options.positions,
             }
             for name, f in stored.items()
         }
@@ -321,13 +314,11 @@ class CaptureService:
         worker = self.registry.get(req.model)
         model = worker.model
         max_new = self._max_tokens(req.max_new_tokens)
-        from .nnsight_core import GenerationParams, GenerationRequest
-
         prompt_ids = chat.encode_raw(model.tokenizer, req.prompt)
         self._check_context(model, len(prompt_ids), max_new)
         plan = self._plan(model, DEFAULT_SAVEPOINTS)
         # Its logits capture counts against --max-capture-mb and the capture budget like any other capture.
-        capture_bytes = self._check_capture_size(plan, max_new, {"tokens": "all", "dtype": model.info.dtype})
+        capture_bytes = self._check_capture_size(plan, max_new, CaptureOptions(dtype=model.info.dtype))
         with self.budget.reserve(capture_bytes):  # its logits are held on the host like any capture
             generation = await worker.generate(
                 GenerationRequest(prompt_ids, GenerationParams(max_new_tokens=max_new), plan, "all", model.dtype)

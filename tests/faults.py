@@ -161,8 +161,8 @@ def _last_is_first(t: Target) -> None:
     original = t.service._generate
 
     async def generate(worker, prompt_ids, params, plan, options, **kw):
-        if options["tokens"] == "last":
-            options = {**options, "tokens": "first"}
+        if options.tokens == "last":
+            options = options.model_copy(update={"tokens": "first"})
         return await original(worker, prompt_ids, params, plan, options, **kw)
 
     t.service._generate = generate
@@ -170,7 +170,7 @@ def _last_is_first(t: Target) -> None:
 
 @fault("input_is_output", "savepoints", "`.input` savepoints hold the module's output")
 def _input_is_output(t: Target) -> None:
-    from capture_conformance.reference_server.nnsight_core import PlannedSavepoint
+    from capture_conformance.reference_server.types import PlannedSavepoint
 
     original = t.service._plan
 
@@ -316,10 +316,10 @@ def _no_lock(t: Target) -> None:
     import anyio
 
     async def generate(worker, prompt_ids, params, plan, options, **kw):
-        from capture_conformance.reference_server.nnsight_core import DTYPES
+        from capture_conformance.reference_server.types import DTYPES
 
         return await anyio.to_thread.run_sync(
-            worker.model.generate, prompt_ids, params, plan, options["tokens"], DTYPES[options["dtype"]]
+            worker.model.generate, prompt_ids, params, plan, options.tokens, DTYPES[options.dtype]
         )
 
     t.service._generate = generate
@@ -406,7 +406,7 @@ def _load_drops(t: Target) -> None:
 
 def _replace_sites(t: Target, choose: Callable) -> None:
     """Replace the plan seam: ``choose(model, site)`` returns the site actually captured instead."""
-    from capture_conformance.reference_server.nnsight_core import PlannedSavepoint
+    from capture_conformance.reference_server.types import PlannedSavepoint
 
     original = t.service._plan
 
@@ -510,11 +510,11 @@ def _step0_wrong_position(t: Target) -> None:
     async def generate(worker, prompt_ids, params, plan, options, **kw):
         generation = await original(worker, prompt_ids, params, plan, options, **kw)
         hidden = [sp for sp in plan if not _is_logits(sp.site) and sp.name in generation.tensors]
-        holds_step0 = options["tokens"] in ("all", "first") or len(generation.token_ids) == 1
+        holds_step0 = options.tokens in ("all", "first") or len(generation.token_ids) == 1
         if hidden and holds_step0 and len(prompt_ids) > 1:
             # Position P-2 of the prompt is the last position of a pass over the prompt without its last id.
             early = await original(worker, prompt_ids[:-1], replace(params, max_new_tokens=1, stop=()), hidden,
-                                   {**options, "tokens": "first"})
+                                   options.model_copy(update={"tokens": "first"}))
             for sp in hidden:
                 generation.tensors[sp.name][:, 0] = early.tensors[sp.name][:, 0]
         return generation
@@ -564,7 +564,7 @@ def _wrap_positions(target: Target, kind: tuple[str, ...], change: Callable) -> 
     """Edit each tensor of a request whose positions are in ``kind``: change(tensor, prompt_len) -> tensor."""
 
     def edit(generation, plan, options):
-        if options.get("positions", "generated") in kind:
+        if options.positions in kind:
             for name, tensor in list(generation.tensors.items()):
                 generation.tensors[name] = change(tensor, generation.prompt_len)
 
@@ -615,11 +615,11 @@ def _prompt_without_template(t: Target) -> None:
 
     async def generate(worker, prompt_ids, params, plan, options, **kw):
         generation = await original(worker, prompt_ids, params, plan, options, **kw)
-        positions = options.get("positions", "generated")
+        positions = options.positions
         if positions == "generated" or raw_text.get() is None:
             return generation
         raw_ids = chat.encode_raw(worker.model.tokenizer, raw_text.get())
-        raw = await original(worker, raw_ids, replace(params, max_new_tokens=1), plan, {**options, "positions": "prompt"})
+        raw = await original(worker, raw_ids, replace(params, max_new_tokens=1), plan, options.model_copy(update={"positions": "prompt"}))
         p = len(prompt_ids)
         for name, tensor in generation.tensors.items():
             head = raw.tensors[name] if tensor.shape[1] > 1 else tensor

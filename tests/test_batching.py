@@ -9,7 +9,7 @@ import torch
 
 from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 from capture_conformance.reference_server import chat
-from capture_conformance.reference_server.nnsight_core import GenerationParams, GenerationRequest, PlannedSavepoint
+from capture_conformance.reference_server.types import GenerationParams, GenerationRequest, PlannedSavepoint
 from capture_conformance.reference_server.selectors import parse_selector
 
 

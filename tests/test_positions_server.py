@@ -95,7 +95,7 @@ def test_first_and_last_pick_the_ends_of_the_positions(client, positions, tokens
 
 
 def test_batched_sequence_and_prompt_requests_equal_solo_runs(registry):
-    from capture_conformance.reference_server.nnsight_core import GenerationParams, GenerationRequest, PlannedSavepoint
+    from capture_conformance.reference_server.types import GenerationParams, GenerationRequest, PlannedSavepoint
     from capture_conformance.reference_server.selectors import parse_selector
 
     model = registry.get("tiny-qwen3").model
@@ -120,7 +120,7 @@ def test_batched_sequence_and_prompt_requests_equal_solo_runs(registry):
 
 
 def test_a_streamed_sequence_request_streams_only_the_completion(registry):
-    from capture_conformance.reference_server.nnsight_core import GenerationParams, PlannedSavepoint
+    from capture_conformance.reference_server.types import GenerationParams, PlannedSavepoint
     from capture_conformance.reference_server.selectors import parse_selector
 
     model = registry.get("tiny-qwen3").model

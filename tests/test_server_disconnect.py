@@ -108,7 +108,7 @@ def test_a_write_under_way_when_the_client_leaves_is_deleted_when_it_ends(client
 
     import torch
 
-    from capture_conformance.reference_server.nnsight_core import Generation
+    from capture_conformance.reference_server.types import Generation
     from capture_conformance.reference_server.schemas import ChatRequest
 
     service, store = client.app.state.service, client.app.state.store

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import chat_body
 from capture_conformance.reference_server.errors import Conflict
-from capture_conformance.reference_server.nnsight_core import GenerationParams, GenerationRequest
+from capture_conformance.reference_server.types import GenerationParams, GenerationRequest
 from capture_conformance.reference_server.registry import ModelRegistry, ModelWorker
 
 
