@@ -16,7 +16,7 @@ import inspect
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 

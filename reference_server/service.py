@@ -315,6 +315,8 @@ class CaptureService:
         model = worker.model
         max_new = self._max_tokens(req.max_new_tokens)
         prompt_ids = chat.encode_raw(model.tokenizer, req.prompt)
+        if not prompt_ids:  # a model cannot generate from nothing: no position to attend from
+            raise Unprocessable(f"prompt {req.prompt!r} encodes to no tokens; give at least one")
         self._check_context(model, len(prompt_ids), max_new)
         plan = self._plan(model, DEFAULT_SAVEPOINTS)
         # Its logits capture counts against --max-capture-mb and the capture budget like any other capture.

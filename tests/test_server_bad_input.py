@@ -55,6 +55,14 @@ def test_bad_chat_request_is_a_clear_4xx_and_the_server_stays_healthy(client, ca
     assert client.post(CHAT, json=chat_body(max_tokens=2, store_activations=True)).status_code == 200
 
 
+def test_a_pure_nnsight_prompt_of_no_tokens_is_422_and_the_server_stays_healthy(client):
+    # Found by the schemathesis fuzz: an empty raw prompt reached the model, which cannot reshape 0 positions (500).
+    answer = client.post("/test_pure_nnsight", json={"prompt": ""})
+    assert answer.status_code == 422, answer.text
+    assert "no tokens" in answer.json()["detail"]
+    assert client.post("/test_pure_nnsight", json={"prompt": "Hello"}).status_code == 200
+
+
 def test_malformed_json_is_422(client):
     response = client.post(CHAT, content=b'{"model": "tiny-qwen3", "messages": [', headers={"content-type": "application/json"})
     assert response.status_code == 422
