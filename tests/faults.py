@@ -702,4 +702,10 @@ def _four_d(t: Target) -> None:
 
 @fault("no_load_route", "models", "no `POST /models/load` route: the framework's 404 'Not Found' for it")
 def _no_load_route(t: Target) -> None:
-    t.app.router.routes[:] = [r for r in t.app.router.routes if getattr(r, "path", None) != "/models/load"]
+    # On the wire exactly what a server without the route answers (Starlette's 404 for an unknown path);
+    # a middleware, not surgery on the app's routes, whose layout is the framework's business.
+    @t.app.middleware("http")
+    async def no_such_route(request: Request, call_next):
+        if request.url.path == "/models/load":
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return await call_next(request)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
+from capture_conformance.harness.protocol.server import ManagedServer
 from conftest import free_port, inner_pytest_env
 
 OTHER_SERVER = Path(__file__).with_name("other_stack_server.py")
@@ -31,35 +30,22 @@ def _env(ci: bool = False) -> dict:
     return inner_pytest_env(ci=ci)
 
 
-class OtherServer:
+class OtherServer(ManagedServer):
+    """A test server of another stack or dialect, started and made ready by the project's one launcher."""
+
     def __init__(self, workdir: Path, *defects: str, script: Path = OTHER_SERVER, family: str | None = None):
-        self.port = free_port()
-        self.log = (workdir / f"server-{self.port}.log").open("w")
-        argv = [sys.executable, str(script), "--port", str(self.port), "--model-dir", MODEL,
-                "--storage-dir", str(workdir / f"storage-{self.port}")]
+        port = free_port()
+        argv = [sys.executable, str(script), "--port", str(port), "--model-dir", MODEL,
+                "--storage-dir", str(workdir / f"storage-{port}")]
         for defect in defects:
             argv += ["--defect", defect]
         if family:
             argv += ["--family", family]
-        env = {**_env(), "PYTHONPATH": str(OTHER_SERVER.parent)}  # the interventions server imports the engine
-        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (workdir / f"server-{self.port}.log").read_text()[-3000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        raise AssertionError("the other-stack server did not get ready in 120 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        super().__init__(argv, port, workdir, startup_timeout_s=120, log_file=workdir / f"server-{port}.log",
+                         cwd=workdir,  # where it lays out its model: the harness finds its config.json there
+                         env={"PYTHONPATH": str(OTHER_SERVER.parent)})  # the interventions server imports the engine
+        self.start()
+        self.wait_ready()
 
 
 @pytest.fixture(scope="module")

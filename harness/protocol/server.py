@@ -25,6 +25,8 @@ from pathlib import Path
 
 import requests
 
+from capture_conformance.harness.protocol.dialects import detect, loaded_models, looks_like_capture_health
+
 POLL_INTERVAL_S = 0.05
 LOG_TAIL_LINES = 40
 
@@ -103,6 +105,7 @@ class ManagedServer:
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     log_file: Path | None = None  # default: workdir/server.log
     owns_workdir: bool = False  # a workdir made here is removed on stop; a caller's is left alone
+    cwd: Path | None = None  # the process's working directory (default: this process's)
     process: subprocess.Popen | None = None
     startup_trace: list[HealthProbe] = field(default_factory=list)
 
@@ -162,7 +165,7 @@ class ManagedServer:
             log.flush()
             self.process = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,  # its own process group: stop() reaches its children too
+                env=env, cwd=self.cwd, start_new_session=True,  # its own process group: stop() reaches its children too
             )
 
     def wait_ready(self) -> None:
@@ -203,12 +206,11 @@ class ManagedServer:
         return HealthProbe(at, response.status_code, body)
 
     def _is_ready(self, probe: HealthProbe) -> bool:
+        """200 with a capture server's health body (any dialect) that lists the expected model, or any."""
         body = probe.body
-        if probe.status != 200 or not isinstance(body, dict) or body.get("status") != "ok":
+        if probe.status != 200 or not looks_like_capture_health(body) or body.get("status", "ok") != "ok":
             return False
-        loaded = body.get("loaded_models")
-        if not isinstance(loaded, list):
-            return False
+        loaded = loaded_models(body, detect(body))
         return self.expected_model in loaded if self.expected_model else bool(loaded)
 
     def exit_code(self) -> int | None:

@@ -26,6 +26,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
+from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.tensors import size_cap
 
 SETTINGS_FILE = "settings.json"
@@ -122,17 +123,19 @@ def collect_one(client: CaptureClient, problem: dict, args, files_dir: Path) -> 
     if 400 <= answer.status < 500 and answer.status not in RETRYABLE_4XX:
         raise RequestRefused(answer.describe())
     body = answer.expect_status(200).json_object()
-    completion = body["choices"][0]["message"]["content"]
+    reply = Completion(body, {"capture": capture})  # the library's validating view: a malformed answer is named
+    completion = reply.content
     extracted = extract_answer(completion)
     gold = extract_answer(problem["answer"])
     activations = {}
     run_dir = files_dir / _safe_component(problem["id"])
-    for name, meta in body.get("activations_meta", {}).items():
-        entry = {"shape": meta["shape"], "dtype": meta["dtype"], "server_path": meta.get("file_path"), "url": meta.get("url")}
+    for name, meta in (reply.meta.items() if "activations_meta" in body else ()):
+        entry = {"shape": meta.shape, "dtype": meta.dtype, "server_path": meta.raw.get("file_path"),
+                 "url": meta.raw.get("url")}
         if args.download:
-            data = client.download(meta["url"], max_bytes=size_cap(int(meta["numel"]), meta["dtype"]), what=name)
+            data = client.download(meta.url, max_bytes=size_cap(meta.numel, meta.dtype), what=name)
             run_dir.mkdir(parents=True, exist_ok=True)
-            local = run_dir / f"{_safe_component(name)}.{meta.get('format', args.format)}"
+            local = run_dir / f"{_safe_component(name)}.{meta.raw.get('format', args.format)}"
             _write_atomically(local, data)
             entry["file"] = str(local.relative_to(files_dir.parent))
         activations[name] = entry
