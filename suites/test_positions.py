@@ -15,7 +15,6 @@ import pytest
 
 from capture_conformance.harness.protocol import prompts
 from capture_conformance.harness.protocol.checks import expect_argmax_matches, expect_close, expect_token_counts, rounding_tolerance, symbolic
-from capture_conformance.harness.protocol.client import ServerFault
 from capture_conformance.harness.protocol.dialects import V1, missing
 from capture_conformance.harness.protocol.responses import Completion, field
 from capture_conformance.harness.protocol.tensors import LoadedTensor
@@ -36,15 +35,8 @@ def _lacking(capture_options, feature: str, message: str) -> None:
 
 
 def _advertised_features(capture_client, capture_model) -> list | None:
-    try:
-        entries = capture_client.models().ok_json().get("data") or []
-    except ServerFault:
-        return None
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and entry.get("id") == capture_model and isinstance(entry.get("capture"), dict):
-            features = entry["capture"].get("features")
-            return features if isinstance(features, list) else None
-    return None
+    features = (capture_client.capture_block(capture_model) or {}).get("features")
+    return features if isinstance(features, list) else None
 
 
 class Positions:

@@ -199,6 +199,21 @@ class CaptureClient:
     def models(self) -> Answer:
         return self.get("/v1/models")
 
+    def capture_block(self, model: str) -> dict | None:
+        """``/v1/models``' ``capture`` object of ``model`` (sizes, dtype, savepoints, features), or None.
+
+        None when the server has no such route, answers otherwise than 200 JSON, or does not
+        describe that model: every caller treats an undescribed model as "not stated".
+        """
+        try:
+            entries = self.models().ok_json().get("data") or []
+        except ServerFault:
+            return None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("capture"), dict):
+                return entry["capture"]
+        return None
+
     def load_model(self, model_id: str, **extra: Any) -> Answer:
         return self.post("/models/load", {"model_id": model_id, **extra})
 

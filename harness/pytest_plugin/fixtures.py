@@ -78,14 +78,7 @@ def capture_model(capture_client: CaptureClient, capture_target: Target, capture
 def ground_truth(capture_model: str, capture_client: CaptureClient, capture_options: Options,
                  pytestconfig: pytest.Config) -> GroundTruth:
     def server_capture_block() -> dict | None:
-        try:
-            entries = capture_client.models().ok_json().get("data") or []
-        except ServerFault:
-            return None
-        for entry in entries if isinstance(entries, list) else []:
-            if isinstance(entry, dict) and entry.get("id") == capture_model and isinstance(entry.get("capture"), dict):
-                return entry["capture"]
-        return None
+        return capture_client.capture_block(capture_model)
 
     try:
         truth = resolve_ground_truth(capture_model, expect_vocab=capture_options.expect_vocab,

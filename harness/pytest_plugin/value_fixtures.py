@@ -35,15 +35,8 @@ def value_reference(capture_model: str, ground_truth: GroundTruth, pytestconfig:
 @pytest.fixture(scope="session")
 def server_model_dtype(capture_client: CaptureClient, capture_model: str) -> str | None:
     """The model's dtype as the server's ``/v1/models`` states it (its ``capture.dtype``), or None."""
-    try:
-        entries = capture_client.models().ok_json().get("data") or []
-    except ServerFault:
-        return None
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and entry.get("id") == capture_model and isinstance(entry.get("capture"), dict):
-            dtype = entry["capture"].get("dtype")
-            return dtype if isinstance(dtype, str) else None
-    return None
+    dtype = (capture_client.capture_block(capture_model) or {}).get("dtype")
+    return dtype if isinstance(dtype, str) else None
 
 
 @dataclass
