@@ -89,12 +89,8 @@ class ServerProcess(ManagedServer):
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory, tiny_model_dir):
-    server = ServerProcess(tmp_path_factory.mktemp("server"))
-    try:
-        server.wait_ready()
+    with ServerProcess(tmp_path_factory.mktemp("server")) as server:  # ready on entry, stopped on exit
         yield server
-    finally:
-        server.stop()
 
 
 # The pytest11 plugins a conformance run needs; the dev environment autoloads more (schemathesis,

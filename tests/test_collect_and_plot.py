@@ -40,12 +40,8 @@ def test_token_statistics_match_torch():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    proc = ServerProcess(tmp_path_factory.mktemp("collect-server"))
-    try:
-        proc.wait_ready()
+    with ServerProcess(tmp_path_factory.mktemp("collect-server")) as proc:  # ready on entry, stopped on exit
         yield proc
-    finally:
-        proc.stop()
 
 
 def collect(server, out, *extra):

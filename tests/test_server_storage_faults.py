@@ -205,12 +205,8 @@ def test_delete_does_not_block_the_event_loop_while_a_write_holds_the_store(clie
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    server = ServerProcess(tmp_path_factory.mktemp("race"))
-    try:
-        server.wait_ready()
+    with ServerProcess(tmp_path_factory.mktemp("race")) as server:  # ready on entry, stopped on exit
         yield server
-    finally:
-        server.stop()
 
 
 def test_concurrent_gets_and_deletes_of_the_same_runs_are_whole_or_404(server):
