@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import sys
 import threading
 import time
@@ -13,7 +12,6 @@ import requests
 
 from capture_conformance.harness.protocol.server import ManagedServer, free_port
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_proc_status_mb(pid: int, field: str) -> float | None:
@@ -53,8 +51,6 @@ class ServerHandle:
         env = {"CAPTURE_SERVER_API_KEY": api_key or ""}
         if threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        if (PROJECT_ROOT / "reference_server").is_dir():  # run from a checkout without an install
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
         launched = ManagedServer(command, port, log_path.parent, env=env, log_file=log_path)
         launched.start()
         return cls(launched.base_url, launched=launched, api_key=api_key)

@@ -62,11 +62,11 @@ def client(registry, tmp_path):
 class ServerProcess(ManagedServer):
     """A real ``capture-server`` (``python -m capture_conformance.reference_server``) on a free port, through the one launcher."""
 
-    def __init__(self, tmp: Path, *extra: str):
+    def __init__(self, tmp: Path, *extra: str, startup_timeout_s: float = 120):
         port = free_port()
         argv = [sys.executable, "-m", "capture_conformance.reference_server", "--port", str(port), "--storage-dir", str(tmp / "storage"),
                 *extra]
-        super().__init__(argv, port, tmp, startup_timeout_s=120)
+        super().__init__(argv, port, tmp, startup_timeout_s=startup_timeout_s)
         self.start()
 
     url = ManagedServer.base_url

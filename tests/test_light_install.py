@@ -91,8 +91,7 @@ def light_venv(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def reference_server(tmp_path_factory):
     """The bundled server, started from this (full) environment through the project's one launcher."""
-    with ServerProcess(tmp_path_factory.mktemp("light-server")) as server:
-        server.wait_ready(180)
+    with ServerProcess(tmp_path_factory.mktemp("light-server"), startup_timeout_s=180) as server:
         yield {"port": server.port, "url": server.url, "log": server.log_path}
 
 GENERIC_NAMES = ("fixtures", "harness", "suites", "bench", "reference_server")
