@@ -41,3 +41,22 @@ def test_an_unknown_message_groups_with_its_twins_whatever_the_numbers_and_run_i
         "POST /v1/chat/completions answers 500 (a server error)")
     assert classify("expected 400 or 422; POST /v1/chat/completions answered 500 (application/json): {}")[1] == (
         "a client mistake is answered 500, not 4xx")
+
+
+def test_missing_v1_features_fail_the_verdict_of_the_json_and_of_the_cli_alike(tmp_path):
+    from types import SimpleNamespace
+
+    from capture_conformance.harness.pytest_plugin.cli import Verdict
+    from capture_conformance.harness.pytest_plugin.report import REPORT_PLUGIN, ConformanceReport
+
+    report = ConformanceReport(SimpleNamespace(getoption=lambda name: str(tmp_path)))
+    report.results = {r.nodeid: r for r in (
+        _r("health", "passed", "", "ok"),
+        _r("models", "skipped", "missing from protocol v1: POST /models/load (answered 404 'Not Found')", "load"))}
+    report.exit_status = 0
+    assert report.summary.passed, "every test that ran passed: the per-area summary is clean"
+    assert report.passed is False, "a server without a v1 route is not v1-conformant"
+    verdict = Verdict()
+    plugins = SimpleNamespace(get_plugin=lambda name: report if name == REPORT_PLUGIN else None)
+    verdict.pytest_unconfigure(SimpleNamespace(pluginmanager=plugins))
+    assert verdict.passed is False, "capture-conformance must exit non-zero where the JSON says not passed"

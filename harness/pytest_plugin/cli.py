@@ -62,7 +62,7 @@ class Verdict:
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         report = config.pluginmanager.get_plugin(REPORT_PLUGIN)
         if report is not None and report.exit_status is not None:
-            self.passed = report.summary.passed
+            self.passed = report.passed
 
 
 def main(argv: list[str] | None = None) -> int:

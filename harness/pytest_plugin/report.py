@@ -186,6 +186,15 @@ class ConformanceReport:
     # -- results ------------------------------------------------------------------------------
 
     @property
+    def passed(self) -> bool:
+        """The run's verdict, one definition for the JSON, the table and ``capture-conformance``'s exit status.
+
+        A server that lacks fields or routes of protocol v1 is not v1-conformant, however clean the rest is.
+        """
+        return (self.summary.passed and self.exit_status in (0, None)
+                and not missing_features(self.results.values()))
+
+    @property
     def summary(self) -> Summary:
         if self._summary is None:
             self._summary = summarize(list(self.results.values()))
@@ -211,9 +220,7 @@ class ConformanceReport:
         return {
             "tool": "capture-conformance",
             "protocol": PROTOCOL_VERSION,
-            # A server that lacks fields or routes of protocol v1 is not v1-conformant, however clean the rest is.
-            "passed": summary.passed and self.exit_status in (0, None) and not missing_features(
-                self.results.values()),
+            "passed": self.passed,
             "capture_level": summary.capture_level,
             "profile": options.profile,
             "target": {
