@@ -27,7 +27,15 @@ os.environ.setdefault("NNSIGHT_CONFIG", str(Path(__file__).with_name("nnsight_co
 import nnsight  # noqa: E402
 import torch  # noqa: E402
 from nnsight import TransformersModel  # noqa: E402
-from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria  # noqa: E402
+from transformers import (  # noqa: E402
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .errors import Unprocessable  # noqa: E402
 from .selectors import Selector  # noqa: E402
@@ -128,6 +136,38 @@ class _StopWhenCancelled(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         return torch.tensor([e.is_set() for e in self._events], dtype=torch.bool, device=input_ids.device)
+
+
+class _SampleWithOwnGenerators(LogitsProcessor):
+    """Sampling from one random generator per row, never the process-wide one.
+
+    ``torch.manual_seed`` seeds the generator that every model's worker thread shares:
+    a seeded request would then depend on what other models sample meanwhile. Here
+    each row draws from its own ``torch.Generator`` by the Gumbel-max trick:
+    ``argmax(log_softmax(scores) + Gumbel noise)`` is an exact sample of
+    ``softmax(scores)``, so generate runs greedy (``do_sample=False``) over these
+    scores, after the temperature and top-p warpers, and samples all the same.
+    Only the chosen token changes: the model's logits, hence every capture, are untouched.
+    """
+
+    def __init__(self, generators: list[torch.Generator]):
+        self._generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        # -log(E) with E ~ Exp(1) is a standard Gumbel variable; exponential_ takes a generator.
+        noise = torch.stack([torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g)
+                             for g in self._generators])
+        return logp - noise.log()
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # a non-deterministic seed of its own, not one drawn from shared state
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def _cancellable(kwargs: dict, events: list[threading.Event]) -> dict:
@@ -285,13 +325,19 @@ class CaptureModel:
 
     # -- generation ---------------------------------------------------------------
 
-    def _generate_kwargs(self, params: GenerationParams) -> dict:
-        kwargs: dict = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self._pad_id()}
+    def _generate_kwargs(self, params: GenerationParams, rows: list[GenerationParams] | None = None) -> dict:
+        """generate's arguments for ``params``; ``rows``: each row's own parameters (its seed)."""
+        kwargs: dict = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self._pad_id(),
+                        # OpenAI has no top-k: switch off any top_k a model's generation_config brings.
+                        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if params.temperature > 0:
-            # OpenAI has no top-k: switch off any top_k a model's generation_config brings.
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            # Sampling by our own processors: a generator per row (see _SampleWithOwnGenerators).
+            processors = [TemperatureLogitsWarper(params.temperature)]
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            generators = [_generator(row.seed, self.device) for row in (rows or [params])]
+            processors.append(_SampleWithOwnGenerators(generators))
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
@@ -312,8 +358,6 @@ class CaptureModel:
         cancelled: threading.Event | None = None,
     ) -> Generation:
         """Generate from ``prompt_ids``, capturing each savepoint at the asked ``positions``."""
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         if not savepoints:
             input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             kwargs = self._generate_kwargs(params)
@@ -361,7 +405,8 @@ class CaptureModel:
         late = first.positions == "sequence"  # batch_key keeps sequence and other requests apart
         width = max(len(r.prompt_ids) for r in requests)
         limits = [r.params.max_new_tokens for r in requests]
-        kwargs = self._generate_kwargs(replace(first.params, max_new_tokens=max(limits)))
+        kwargs = self._generate_kwargs(replace(first.params, max_new_tokens=max(limits)),
+                                       [r.params for r in requests])
         stopper = None
         if late:
             stopper = _StopOneStepLate(width, limits, self.eos_token_ids, kwargs.pop("stop_strings", None),
