@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-url", default=None,
                    help="measure an already running server instead of starting one (memory needs --server-pid)")
     p.add_argument("--server-pid", type=int, default=None, help="pid of the --server-url server, for its memory")
-    p.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY") or None,
-                   help="bearer key for the server (default: $CAPTURE_SERVER_API_KEY; none)")
+    p.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY") or os.environ.get("CAPTURE_SERVER_API_KEY") or None,
+                   help="bearer key for the server (default: $CAPTURE_API_KEY, or its older name "
+                        "$CAPTURE_SERVER_API_KEY; none)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch in this process and in the server (OMP_NUM_THREADS); 0: torch's own "
                         "choice; default: 1 on CPU, torch's choice on CUDA. One thread per process keeps CPU figures "

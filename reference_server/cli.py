@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "over it runs alone (default: %(default)s)")
     parser.add_argument("--max-loaded-models", type=int, default=4,
                         help="most models loaded at once; /models/load beyond it is 409 (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("CAPTURE_SERVER_API_KEY"),
+    # One key variable for every tool; CAPTURE_SERVER_API_KEY is the older name, still read.
+    parser.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY") or os.environ.get("CAPTURE_SERVER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (the scheme in any case) on every endpoint but "
-                             "/health (default: $CAPTURE_SERVER_API_KEY; none)")
+                             "/health (default: $CAPTURE_API_KEY, or its older name $CAPTURE_SERVER_API_KEY; none). "
+                             "A key on the command line shows in ps: prefer the variable")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body; larger is 413 (default: %(default)s)")
     parser.add_argument("--max-savepoints", type=int, default=64,

@@ -74,6 +74,51 @@ def test_a_proxy_splash_page_is_not_a_capture_server(tmp_path):
             f"text/html") in result.stderr, result.stderr
 
 
+def _keyed_routes(key: str) -> dict:
+    """A capture server whose /health is open and everything else wants ``Bearer key``, as the protocol allows."""
+    def guarded(reply):
+        def handler(r):
+            if r.headers.get("Authorization") != f"Bearer {key}":
+                return r.reply(401, {"detail": "unauthorized"})
+            return reply(r)
+        return handler
+
+    routes = healthy_routes()
+    return {("GET", "/health"): routes[("GET", "/health")],
+            ("GET", "/v1/models"): guarded(routes[("GET", "/v1/models")]),
+            ("POST", "/v1/chat/completions"): guarded(lambda r: r.reply(422, {"detail": "messages: missing"}))}
+
+
+def test_a_keyed_server_tested_without_a_key_stops_with_one_line_and_status_77(tmp_path):
+    with ScriptedServer(_keyed_routes("sesame")) as server:
+        result = run_pytest("--host", "127.0.0.1", "--port", str(server.port), cwd=tmp_path, timeout=60)
+        cli = run([str(Path(sys.executable).with_name("capture-conformance")), "--host", "127.0.0.1",
+                   "--port", str(server.port), "--report-dir", str(tmp_path / "reports")], tmp_path, timeout=60)
+    assert result.returncode == 77, result.stdout + result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert lines == ["Exit: capture-conformance: the server wants a key: pass --api-key or $CAPTURE_API_KEY "
+                     "(GET /v1/models answered 401)"], lines
+    assert "passed" not in result.stdout and "failed" not in result.stdout  # no test ran
+    assert cli.returncode == 77, cli.stdout + cli.stderr
+    assert [l for l in cli.stderr.splitlines() if l.strip()] == [lines[0]], cli.stderr
+
+
+def test_a_wrong_key_is_named_as_refused(tmp_path):
+    with ScriptedServer(_keyed_routes("sesame")) as server:
+        result = run_pytest("--host", "127.0.0.1", "--port", str(server.port), "--api-key", "guess",
+                            cwd=tmp_path, timeout=60)
+    assert result.returncode == 77, result.stdout + result.stderr
+    assert "refused the key given (--api-key or $CAPTURE_API_KEY)" in result.stderr, result.stderr
+
+
+def test_the_right_key_passes_the_key_probe():
+    from capture_conformance.harness.protocol.probe import probe_key
+
+    with ScriptedServer(_keyed_routes("sesame")) as server:
+        assert probe_key(server.url, "sesame") is None
+        assert "wants a key" in probe_key(server.url, None)
+
+
 # -- collection: the installed suites from anywhere, profiles, inertness -----------------------------
 
 
@@ -91,6 +136,18 @@ def test_host_without_paths_runs_the_installed_suites_from_any_directory(tmp_pat
                                                "values", "streaming", "positions")}, files
     # A remote target cannot show its own start-up, so those tests are deselected, not failed or skipped.
     assert not any("test_health_is_503_loading" in item for item in collected)
+
+
+def test_host_inside_the_clone_runs_only_the_suites():
+    """The project's own testpaths (its unit tests) are not conformance tests of a --host target."""
+    clone = SUITES_DIR.parent
+    result = run_pytest("--host", "127.0.0.1", "--port", "8006", "--collect-only", "-q", cwd=clone, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected = _collected(result.stdout)
+    assert collected and all(re.sub(r"::.*", "", item).rsplit("/", 1)[-1].startswith("test_") for item in collected)
+    outside = sorted(item for item in collected if "suites/" not in item and not item.startswith("test_"))
+    assert not outside, outside[:5]
+    assert not any("test_harness_runs" in item or "test_seeded_sampling" in item for item in collected)
 
 
 def test_profiles_are_nested(tmp_path):

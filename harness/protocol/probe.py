@@ -15,6 +15,13 @@ from capture_conformance.harness.protocol.client import CaptureClient, ServerFau
 from capture_conformance.harness.protocol.dialects import looks_like_capture_health
 
 LOADING_POLL_S = 1.0
+# The exit status of a run stopped because the server wants a key it was not given (or refused the
+# one given): sysexits' EX_NOPERM, distinct from pytest's own statuses (0-5) and from a failed verdict.
+EXIT_NEEDS_KEY = 77
+KEY_VARIABLE = "CAPTURE_API_KEY"
+# Requests that need a key on a keyed server and cost nothing: a listing, and a chat body the server
+# must refuse (auth is checked before the body is read; a keyless server answers 4xx for it).
+AUTH_PROBES = (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {}))
 
 
 def probe_capture_server(base_url: str, api_key: str | None, wait_loading_s: float) -> str | None:
@@ -43,3 +50,24 @@ def probe_capture_server(base_url: str, api_key: str | None, wait_loading_s: flo
             return (f"capture-conformance: {base_url} is not ready: GET /health answered {answer.status} "
                     f"{excerpt(answer.content, 120)}")
         return None
+
+
+def probe_key(base_url: str, api_key: str | None) -> str | None:
+    """None when an authenticated request is not refused, else one line: the key is missing or wrong.
+
+    ``/health`` is open on keyed servers, so the probe above cannot tell; without this
+    every test would fail on a 401 and the diagnoses would name a hundred symptoms.
+    """
+    client = CaptureClient(base_url, api_key=api_key, timeout_s=10.0)
+    for method, path, body in AUTH_PROBES:
+        try:
+            answer = client.request(method, path, json=body)
+        except ServerFault:
+            return None  # reachability is the other probe's business
+        if answer.status in (401, 403):
+            if api_key:
+                return (f"capture-conformance: {base_url} refused the key given (--api-key or ${KEY_VARIABLE}): "
+                        f"{method} {path} answered {answer.status}")
+            return (f"capture-conformance: the server wants a key: pass --api-key or ${KEY_VARIABLE} "
+                    f"({method} {path} answered {answer.status})")
+    return None

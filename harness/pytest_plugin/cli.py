@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from capture_conformance.harness.protocol.probe import EXIT_NEEDS_KEY
 from capture_conformance.harness.pytest_plugin.html_report import HTML_FILE
 from capture_conformance.harness.pytest_plugin.options import FLAGS, forwarded
 from capture_conformance.harness.pytest_plugin.plugin import SUITES_DIR
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = Verdict()
     exit_code = int(pytest.main(pytest_args(options, extra), plugins=[verdict]))
     if verdict.passed is None:
+        if exit_code == EXIT_NEEDS_KEY:
+            return exit_code  # pytest printed the one line that says so
         print(f"capture-conformance: no report was made (pytest exit status {exit_code})", file=sys.stderr)
         return exit_code or 1
     if verdict.passed and exit_code == 0:

@@ -48,14 +48,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
-    """``pytest --host H`` with no paths, outside a project with testpaths: run the installed suites."""
+    """``pytest --host H`` with no paths: run the installed suites, and only them.
+
+    From anywhere, this clone included: a target option says "test that server", and a
+    project's own ``testpaths`` (this one's are its unit tests) are not conformance tests.
+    Paths given on the command line keep their meaning.
+    """
     known = early_config.known_args_namespace
     if not (getattr(known, "host", None) or getattr(known, "port", None) or getattr(known, "launch", None)):
         return
     if getattr(known, "file_or_dir", None):
         return
-    if early_config.invocation_params.dir == early_config.rootpath and early_config.getini("testpaths"):
-        return  # a project that says what its tests are keeps that choice
     args.append(str(SUITES_DIR))
     known.file_or_dir = [str(SUITES_DIR)]
 
@@ -87,11 +90,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
         config.pluginmanager.register(ConformanceReport(config), REPORT_PLUGIN)
     if options.remote_url and not is_xdist_worker(config) and not _just_looking(config):
-        from capture_conformance.harness.protocol.probe import probe_capture_server
+        from capture_conformance.harness.protocol.probe import EXIT_NEEDS_KEY, probe_capture_server, probe_key
 
         problem = probe_capture_server(options.remote_url, options.api_key, options.startup_timeout)
         if problem:
             raise pytest.UsageError(problem)
+        problem = probe_key(options.remote_url, options.api_key)
+        if problem:
+            pytest.exit(problem, returncode=EXIT_NEEDS_KEY)
 
 
 @pytest.hookimpl(tryfirst=True)
