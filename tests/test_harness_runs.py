@@ -285,6 +285,30 @@ def test_cli_passes_the_bundled_server_under_xdist_and_writes_the_report(tmp_pat
     assert "capture level: savepoints    profile smoke: PASSED" in table, table
 
 
+def _stored_runs(store: Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")) if store.exists() else []
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["cleaned", "kept"])
+def test_the_suites_leave_no_runs_on_the_target_unless_asked(tmp_path, keep):
+    store = tmp_path / "store"
+    report_dir = tmp_path / "report"
+    launch = f"python -m capture_conformance.reference_server --port {{port}} --storage-dir {store}"
+    result = run_pytest(str(SUITES_DIR / "test_single_token.py"), str(SUITES_DIR / "test_streaming.py"),
+                        "--launch", launch, "--conformance-report", str(report_dir),
+                        *(["--keep-runs"] if keep else []), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cleanup = json.loads((report_dir / "conformance-report.json").read_text())["runs_left_on_target"]
+    assert cleanup["created"] >= 5, cleanup
+    if keep:
+        assert cleanup["left"] == cleanup["created"] and "--keep-runs" in cleanup["why"], cleanup
+        assert len(_stored_runs(store)) >= cleanup["created"], _stored_runs(store)
+    else:
+        assert cleanup == {"created": cleanup["created"], "deleted": cleanup["created"], "left": 0, "why": ""}
+        assert _stored_runs(store) == [], "runs left on the target after the suites"
+    assert f"runs on the target: {cleanup['created']} created" in result.stdout, result.stdout
+
+
 # -- optional and keyed features -------------------------------------------------------------------------
 
 

@@ -7,10 +7,12 @@ fixture (or start a server) in some unrelated project's tests.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from capture_conformance.harness.protocol.cleanup import RunLedger
 from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
 from capture_conformance.harness.protocol.dialects import V1, loaded_models
 from capture_conformance.harness.protocol.dialects import detect as detect_dialect
@@ -34,9 +36,18 @@ def capture_target(pytestconfig: pytest.Config) -> Target:
 
 
 @pytest.fixture(scope="session")
-def capture_client(capture_target: Target, capture_options: Options) -> CaptureClient:
-    return CaptureClient(capture_target.base_url, api_key=capture_options.api_key,
-                         timeout_s=capture_options.request_timeout, on_connection_error=capture_target.death_note)
+def capture_client(capture_target: Target, capture_options: Options, pytestconfig: pytest.Config):
+    """The session's client; every run it sees created is deleted at the end (unless --keep-runs)."""
+    client = CaptureClient(capture_target.base_url, api_key=capture_options.api_key,
+                           timeout_s=capture_options.request_timeout, on_connection_error=capture_target.death_note)
+    ledger = RunLedger()
+    client.observers.append(ledger.observe)
+    yield client
+    client.observers.remove(ledger.observe)
+    outcome = ledger.clean(client, keep=capture_options.keep_runs)
+    # One fact per process: xdist workers' facts are merged key by key in the controller.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    _record_fact(pytestconfig, f"cleanup:{worker}", outcome.as_dict())
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--snapshot-dir", "root of the per-model shape snapshot sets, read and written (default: ./capture-snapshots "
                            "in the working directory; the set shipped with the suites is read when that has none). "
                            "A missing snapshot is recorded; --snapshot-update rewrites them", {}, "snapshots"),
+    Flag("--keep-runs", "keep the runs the suites create on the target (by default each is deleted at the end, "
+                        "where the server has DELETE; the report says how many were left and why)",
+         {"action": "store_true", "default": False}),
     Flag("--ci", "CI run: a missing shape snapshot fails instead of being recorded (also when CI=true)",
          {"action": "store_true", "default": False}, "snapshots"),
 )
@@ -117,6 +120,7 @@ class Options:
     snapshot_dir: str | None
     ci: bool = False
     dialect: str = "auto"
+    keep_runs: bool = False
 
     @classmethod
     def of(cls, getoption: Callable[[str], Any]) -> "Options":
@@ -125,7 +129,7 @@ class Options:
         return cls(get("host"), get("port"), get("launch"), get("api_key"), get("model"), get("expect_vocab"),
                    get("expect_hidden"), get("expect_layers"), get("profile"), areas,
                    tuple(get("require_feature") or ()), get("request_timeout"), get("startup_timeout"),
-                   get("snapshot_dir"), bool(get("ci")), get("dialect") or "auto")
+                   get("snapshot_dir"), bool(get("ci")), get("dialect") or "auto", bool(get("keep_runs")))
 
     @property
     def remote_url(self) -> str | None:

@@ -22,6 +22,7 @@ from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, OPTIO
 from capture_conformance.harness.pytest_plugin.diagnoses import group as group_causes
 from capture_conformance.harness.pytest_plugin.diagnoses import missing_features
 from capture_conformance.harness.pytest_plugin.html_report import HTML_FILE, write_html
+from capture_conformance.harness.protocol.cleanup import merge as merge_cleanups
 from capture_conformance.harness.pytest_plugin.snapshots import USER_PROPERTY
 
 REPORT_FILE = "conformance-report.json"
@@ -232,6 +233,7 @@ class ConformanceReport:
             "dialect": facts.get("dialect", options.dialect),
             "ground_truth": facts.get("ground_truth"),
             "values": _values_section(summary, facts),
+            "runs_left_on_target": merge_cleanups([v for k, v in sorted(facts.items()) if k.startswith("cleanup:")]),
             "pytest_exit_status": self.exit_status,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "duration_s": round(time.time() - self.started, 2),
@@ -290,6 +292,11 @@ class ConformanceReport:
             parts = [f"{len(snaps[k])} {k}" for k in ("recorded", "updated", "compared") if snaps[k]]
             where = f" in {', '.join(snaps['dirs'])}" if snaps["dirs"] else ""
             lines.append(f"shape snapshots: {', '.join(parts)}{where}")
+        cleanup = report.get("runs_left_on_target")
+        if cleanup and cleanup["created"]:
+            why = f" ({cleanup['why']})" if cleanup["why"] else ""
+            lines.append(f"runs on the target: {cleanup['created']} created, {cleanup['deleted']} deleted, "
+                         f"{cleanup['left']} left{why}")
         verdict = "PASSED" if report["passed"] else "FAILED"
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
         lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")
