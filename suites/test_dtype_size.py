@@ -10,6 +10,7 @@ import pytest
 from capture_conformance.harness.protocol import prompts
 from capture_conformance.harness.protocol.checks import (
     expect_close,
+    expect_declared_precision,
     expect_finite,
     expect_shape,
     expect_tensor_matches_meta,
@@ -80,6 +81,18 @@ def test_lower_precision_holds_the_same_values(capture_runs, dtype):
     for name in ("_logits", "layer_0"):
         expect_close(capture_runs.tensor(lower, name).values, capture_runs.tensor(reference, name).values,
                      what=f"`{name}` stored as {dtype} vs float32", rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_float32_captures_hold_float32_precision(capture_runs, server_model_dtype, file_format):
+    """Spec 1.2: a float32 capture holds float32 values, not values rounded through float16 or bfloat16."""
+    if server_model_dtype is None:
+        pytest.skip("precision not verifiable: /v1/models states no capture.dtype for the model")
+    if server_model_dtype not in ("float32", "torch.float32"):
+        pytest.skip(f"the model computes in {server_model_dtype}: float32 captures of it hold that precision")
+    completion, _ = _capture(capture_runs, "float32", file_format)
+    for name in ("_logits", "layer_0"):
+        expect_declared_precision(capture_runs.tensor(completion, name), name, server_model_dtype)
 
 
 def test_default_capture_is_float32_pt(capture_runs):

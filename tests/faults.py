@@ -208,6 +208,16 @@ def _bf16_file(t: Target) -> None:
     t.service._store = store
 
 
+@fault("float32_through_float16", "dtype_size",
+       "float32 captures rounded through float16 before storing (rel. error ~2e-4, inside every value tolerance)")
+def _float32_through_float16(t: Target) -> None:
+    def change(gen, plan, options):
+        gen.tensors = {n: x.to(torch.float16).to(torch.float32) if x.dtype == torch.float32 else x
+                       for n, x in gen.tensors.items()}
+
+    _wrap_generate(t, change)
+
+
 @fault("wrong_size", "dtype_size", "`size_mb` computed with the wrong item size")
 def _wrong_size(t: Target) -> None:
     def change(fields, gen, plan, options):

@@ -158,6 +158,39 @@ def expect_finite(tensor: LoadedTensor, name: str) -> None:
         )
 
 
+# Below this many nonzero values a tensor may round-trip through a smaller float by chance (zeros always do).
+PRECISION_MIN_NONZERO = 64
+# The lower precisions a float32 capture may not be limited to, unless the model itself computes in them.
+LOWER_PRECISIONS = ("float16", "bfloat16")
+
+
+def holds_only(values: np.ndarray, precision: str) -> bool:
+    """Whether every value of a float32 array is exactly representable in ``precision`` (float16 or bfloat16)."""
+    finite = values[np.isfinite(values)].astype(np.float32, copy=False)
+    if precision == "bfloat16":  # bfloat16 is float32's upper 16 bits: the lower ones are all zero
+        return bool(np.all((finite.view(np.uint32) & 0xFFFF) == 0))
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(finite.astype(np.float16).astype(np.float32), finite))
+
+
+def expect_declared_precision(tensor: LoadedTensor, name: str, model_dtype: str) -> None:
+    """A float32 capture holds float32 values: not values rounded through float16 or bfloat16.
+
+    Exact, no tolerance: a random float32 value is representable in float16 with odds of
+    about 2^-13, so a whole tensor of them never is unless it was rounded. A model that
+    computes in bfloat16 or float16 (``model_dtype``) explains such values; the caller
+    checks only float32 models.
+    """
+    if tensor.dtype != "torch.float32" or np.count_nonzero(tensor.values) < PRECISION_MIN_NONZERO:
+        return
+    for precision in LOWER_PRECISIONS:
+        if holds_only(tensor.values, precision):
+            raise AssertionError(
+                f"`{name}`: float32 capture holds {precision} values: all {tensor.values.size} values round-trip "
+                f"exactly through {precision}, although the model computes in {model_dtype}; the capture was "
+                f"rounded to a lower precision before storing")
+
+
 def expect_close(a: np.ndarray, b: np.ndarray, *, what: str, rtol: float, atol: float) -> None:
     if a.shape != b.shape:
         raise AssertionError(f"{what}: shapes differ, {list(a.shape)} vs {list(b.shape)}")
