@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from capture_conformance.harness.protocol import prompts
@@ -152,6 +154,39 @@ def test_seed_makes_sampling_reproducible(capture_runs):
     runs = [capture_runs.chat(prompts.STORY, 12, temperature=1.0, seed=1234, cached=False) for _ in range(2)]
     assert runs[0].content == runs[1].content, (
         f"the same seed sampled two different answers: {runs[0].content!r} vs {runs[1].content!r}")
+
+
+# Sampling (spec 1.2). The prompt and lengths keep false alarms negligible: four sampled answers of 16
+# tokens at temperature 1.5 all equal to the greedy one needs every one of 64 draws to hit the greedy
+# token; even at p = 0.9 per draw that is 0.9^64 = 0.1 %, and 1.5 flattens p well below 0.9.
+SAMPLED_TOKENS = 16
+SAMPLING_SEEDS = (11, 22, 33, 44)
+
+
+def test_temperature_samples(capture_runs):
+    greedy = capture_runs.chat(prompts.STORY, SAMPLED_TOKENS, temperature=0)
+    sampled = [capture_runs.chat(prompts.STORY, SAMPLED_TOKENS, temperature=1.5, seed=s, cached=False)
+               for s in SAMPLING_SEEDS]
+    assert any(c.content != greedy.content for c in sampled), (
+        f"temperature 1.5 gave the greedy answer for all {len(SAMPLING_SEEDS)} seeds: sampling is not honoured "
+        f"({greedy.content!r})")
+
+
+def test_seeded_sampling_is_reproducible_among_concurrent_requests(capture_runs):
+    """A seeded request gives its solo answer whatever runs beside it (a generator per request)."""
+    def sample(seed):
+        extra = {"seed": seed} if seed is not None else {}
+        return capture_runs.chat(prompts.STORY, SAMPLED_TOKENS, temperature=1.0, cached=False, **extra).content
+
+    solo = {seed: sample(seed) for seed in SAMPLING_SEEDS[:3]}
+    mixed = list(SAMPLING_SEEDS[:3]) + [None, None, None]  # unseeded neighbours draw from their own randomness
+    with ThreadPoolExecutor(len(mixed)) as pool:
+        answers = list(pool.map(sample, mixed))
+    differing = {seed: (solo[seed], answer) for seed, answer in zip(mixed, answers) if seed is not None
+                 and answer != solo[seed]}
+    assert not differing, (
+        f"seeded sampled answers changed when sent concurrently with other sampled requests "
+        f"(seed: solo vs concurrent): {differing}")
 
 
 # -- message forms of current OpenAI clients (protocol 1.1: "Messages") ------------------------------

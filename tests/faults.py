@@ -306,6 +306,30 @@ def _plus_one(t: Target) -> None:
     t.service._generate = generate
 
 
+def _wrap_params(target: Target, change: Callable) -> None:
+    """Replace the service's generate seam by one that edits the generation parameters first."""
+    original = target.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
+        return await original(worker, prompt_ids, change(params), plan, options, **kw)
+
+    target.service._generate = generate
+
+
+@fault("always_greedy", "chat", "`temperature` ignored: every request decoded greedily")
+def _always_greedy(t: Target) -> None:
+    from dataclasses import replace
+
+    _wrap_params(t, lambda params: replace(params, temperature=0.0))
+
+
+@fault("seed_ignored", "chat", "`seed` ignored: sampled requests draw from the process's shared randomness")
+def _seed_ignored(t: Target) -> None:
+    from dataclasses import replace
+
+    _wrap_params(t, lambda params: replace(params, seed=None))
+
+
 @fault("stop_ignored", "chat", "`stop` strings ignored")
 def _stop_ignored(t: Target) -> None:
     original = t.service._generate
