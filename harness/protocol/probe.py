@@ -19,9 +19,9 @@ LOADING_POLL_S = 1.0
 # one given): sysexits' EX_NOPERM, distinct from pytest's own statuses (0-5) and from a failed verdict.
 EXIT_NEEDS_KEY = 77
 KEY_VARIABLE = "CAPTURE_API_KEY"
-# Requests that need a key on a keyed server and cost nothing: a listing, and a chat body the server
-# must refuse (auth is checked before the body is read; a keyless server answers 4xx for it).
-AUTH_PROBES = (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {}))
+# A request that needs a key on a keyed server and costs nothing: the model listing (never a chat:
+# some checks count every chat request the harness sends).
+AUTH_PROBES = (("GET", "/v1/models", None),)
 
 
 def probe_capture_server(base_url: str, api_key: str | None, wait_loading_s: float) -> str | None:

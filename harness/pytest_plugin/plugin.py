@@ -48,17 +48,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
-    """``pytest --host H`` with no paths: run the installed suites, and only them.
-
-    From anywhere, this clone included: a target option says "test that server", and a
-    project's own ``testpaths`` (this one's are its unit tests) are not conformance tests.
-    Paths given on the command line keep their meaning.
-    """
+    """``pytest --host H`` with no paths, outside a project with testpaths: run the installed suites."""
     known = early_config.known_args_namespace
     if not (getattr(known, "host", None) or getattr(known, "port", None) or getattr(known, "launch", None)):
         return
     if getattr(known, "file_or_dir", None):
         return
+    if early_config.invocation_params.dir == early_config.rootpath and early_config.getini("testpaths"):
+        return  # a project that says what its tests are keeps that choice
     args.append(str(SUITES_DIR))
     known.file_or_dir = [str(SUITES_DIR)]
 
