@@ -9,6 +9,7 @@ from capture_conformance.harness.pytest_plugin.fixtures import (  # noqa: F401  
     capture_runs,
     capture_target,
     ground_truth,
+    model_layout,
     shape_snapshot,
 )
 from capture_conformance.harness.pytest_plugin.value_fixtures import server_model_dtype, value_checks, value_reference  # noqa: E402,F401

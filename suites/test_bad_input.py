@@ -9,6 +9,10 @@ The area needs only a server that answers: no case waits for a successful
 capture except the two about the files of a real run. A case about a route
 the server does not have is skipped as missing from protocol v1 (reported
 once), never passed on the framework's 404.
+
+Selectors in the cases are templates over the model's discovered layout
+(``{head}``, ``{block0}``, ``{blocks}``): an out-of-range index must be out of
+range of the block stack the model has, whatever the family calls it.
 """
 
 from __future__ import annotations
@@ -62,19 +66,19 @@ CHAT_CASES = [
     Case("temperature-not-a-number", body={"temperature": "hot"}),
     Case("n-2", body={"n": 2}, expect=(400,)),
     Case("unknown-model", body={"model": "capture-conformance/no-such-model"}, expect=(404,)),
-    Case("unknown-selector", body=_capture(savepoints=["model.no_such_module"]), expect=(422,),
-         mention="model.no_such_module"),
-    Case("unknown-selector-in-object", body=_capture(savepoints=[{"name": "x", "selector": "lm_headz"}]),
-         expect=(422,), mention="lm_headz"),
-    Case("selector-out-of-range", body=_capture(savepoints=["model.layers[99999]"]), expect=(422,),
-         mention="model.layers[99999]"),
+    Case("unknown-selector", body=_capture(savepoints=["no_such_module"]), expect=(422,),
+         mention="no_such_module"),
+    Case("unknown-selector-in-object", body=_capture(savepoints=[{"name": "x", "selector": "{head}z"}]),
+         expect=(422,), mention="{head}z"),
+    Case("selector-out-of-range", body=_capture(savepoints=["{blocks}[99999]"]), expect=(422,),
+         mention="{blocks}[99999]"),
     Case("selector-is-code", body=_capture(savepoints=["__import__('os').getcwd()"]), expect=(422,)),
     Case("selector-reaches-outside-the-model", body=_capture(savepoints=["__class__.__init__"]), expect=(422,)),
-    Case("selector-empty-segment", body=_capture(savepoints=["lm_head..output"]), expect=(422,)),
-    Case("duplicate-savepoint-names", body=_capture(savepoints=[{"name": "a", "selector": "lm_head"},
-                                                                 {"name": "a", "selector": "model.layers[0]"}]),
+    Case("selector-empty-segment", body=_capture(savepoints=["{head}..output"]), expect=(422,)),
+    Case("duplicate-savepoint-names", body=_capture(savepoints=[{"name": "a", "selector": "{head}"},
+                                                                 {"name": "a", "selector": "{block0}"}]),
          expect=(422,)),
-    Case("savepoints-not-a-list", body=_capture(savepoints="lm_head")),
+    Case("savepoints-not-a-list", body=_capture(savepoints="{head}")),
     Case("capture-not-an-object", body={"capture": "all"}),
     Case("unknown-dtype", body=_capture(dtype="float64"), expect=(422,)),
     Case("unknown-format", body=_capture(format="npy"), expect=(422,)),
@@ -128,6 +132,22 @@ def simplest_served(capture_runs):
     return lambda: capture_runs.chat(prompts.STORY, 1, cached=False)
 
 
+def _templated(case: Case) -> bool:
+    return any(mark in repr((case.body, case.mention)) for mark in ("{head}", "{block0}", "{blocks}"))
+
+
+def _fill(value: Any, layout) -> Any:
+    """The case's selector templates written in the model's own module paths."""
+    if isinstance(value, str):
+        return (value.replace("{head}", layout.head).replace("{block0}", layout.block(0))
+                .replace("{blocks}", layout.blocks))
+    if isinstance(value, list):
+        return [_fill(v, layout) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, layout) for k, v in value.items()}
+    return value
+
+
 def _send(capture_client, capture_model, case: Case, run_id: str | None):
     path = case.path.replace("{run}", run_id or "")
     if case.raw is not None:
@@ -169,6 +189,9 @@ def test_bad_input_is_a_client_error_and_the_server_carries_on(capture_client, c
     if case.feature:
         capture_features.require(case.feature)
     run_id = request.getfixturevalue("real_run") if "{run}" in case.path else None
+    if _templated(case):
+        layout = request.getfixturevalue("model_layout")
+        case = Case(**{**case.__dict__, "body": _fill(case.body, layout), "mention": _fill(case.mention, layout)})
     answer = _send(capture_client, capture_model, case, run_id)
     if route_absent(answer) and case.feature is None:
         raise AssertionError(f"{case.id}: {absent_note(answer)} (a route of protocol v1)")

@@ -27,18 +27,22 @@ STEPS = 3
 DTYPES = ["float32", "bfloat16", "float16"]
 FORMATS = ["pt", "safetensors"]
 MATRIX = [(d, f) for d in DTYPES for f in FORMATS]
-SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}, {"name": "layer_0", "selector": "model.layers[0]"}]
 
 
-def _capture(capture_runs, dtype, file_format, steps=STEPS, cached=True):
-    completion = capture_runs.capture(prompts.STORY, steps, savepoints=SAVEPOINTS, dtype=dtype,
+def _savepoints(layout) -> list[dict]:
+    """The head and the first block, as the model's discovered layout names them."""
+    return [{"name": "_logits", "selector": layout.head}, {"name": "layer_0", "selector": layout.block(0)}]
+
+
+def _capture(capture_runs, layout, dtype, file_format, steps=STEPS, cached=True):
+    completion = capture_runs.capture(prompts.STORY, steps, savepoints=_savepoints(layout), dtype=dtype,
                                       file_format=file_format, cached=cached)
     return completion, expect_token_counts(completion, expected_steps=steps)
 
 
 @pytest.mark.parametrize("dtype,file_format", MATRIX)
-def test_metadata_is_consistent(capture_runs, ground_truth, dtype, file_format):
-    completion, n = _capture(capture_runs, dtype, file_format)
+def test_metadata_is_consistent(model_layout, capture_runs, ground_truth, dtype, file_format):
+    completion, n = _capture(capture_runs, model_layout, dtype, file_format)
     for name, width in (("_logits", ground_truth.vocab_size), ("layer_0", ground_truth.hidden_size)):
         meta = completion.savepoint(name)
         expect_shape(meta, [1, n, width], ground_truth, steps=n, context=f"{dtype} {file_format}")
@@ -56,8 +60,8 @@ def test_metadata_is_consistent(capture_runs, ground_truth, dtype, file_format):
 
 
 @pytest.mark.parametrize("dtype,file_format", MATRIX)
-def test_stored_tensor_is_what_the_metadata_says(capture_runs, dtype, file_format):
-    completion, _ = _capture(capture_runs, dtype, file_format)
+def test_stored_tensor_is_what_the_metadata_says(model_layout, capture_runs, dtype, file_format):
+    completion, _ = _capture(capture_runs, model_layout, dtype, file_format)
     for name in ("_logits", "layer_0"):
         meta = completion.savepoint(name)
         data = capture_runs.file_bytes(completion, name)
@@ -73,9 +77,9 @@ def test_stored_tensor_is_what_the_metadata_says(capture_runs, dtype, file_forma
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_lower_precision_holds_the_same_values(capture_runs, dtype):
-    reference, _ = _capture(capture_runs, "float32", "pt")
-    lower, _ = _capture(capture_runs, dtype, "pt")
+def test_lower_precision_holds_the_same_values(model_layout, capture_runs, dtype):
+    reference, _ = _capture(capture_runs, model_layout, "float32", "pt")
+    lower, _ = _capture(capture_runs, model_layout, dtype, "pt")
     assert lower.token_ids == reference.token_ids, "the capture dtype changed the generated ids"
     rtol, atol = rounding_tolerance(dtype)
     for name in ("_logits", "layer_0"):
@@ -84,13 +88,13 @@ def test_lower_precision_holds_the_same_values(capture_runs, dtype):
 
 
 @pytest.mark.parametrize("file_format", FORMATS)
-def test_float32_captures_hold_float32_precision(capture_runs, server_model_dtype, file_format):
+def test_float32_captures_hold_float32_precision(model_layout, capture_runs, server_model_dtype, file_format):
     """Spec 1.2: a float32 capture holds float32 values, not values rounded through float16 or bfloat16."""
     if server_model_dtype is None:
         pytest.skip("precision not verifiable: /v1/models states no capture.dtype for the model")
     if server_model_dtype not in ("float32", "torch.float32"):
         pytest.skip(f"the model computes in {server_model_dtype}: float32 captures of it hold that precision")
-    completion, _ = _capture(capture_runs, "float32", file_format)
+    completion, _ = _capture(capture_runs, model_layout, "float32", file_format)
     for name in ("_logits", "layer_0"):
         expect_declared_precision(capture_runs.tensor(completion, name), name, server_model_dtype)
 
@@ -105,8 +109,8 @@ def test_default_capture_is_float32_pt(capture_runs):
 
 
 @pytest.mark.managed_server
-def test_file_path_is_the_served_file(capture_runs):
-    completion, _ = _capture(capture_runs, "float32", "pt")
+def test_file_path_is_the_served_file(model_layout, capture_runs):
+    completion, _ = _capture(capture_runs, model_layout, "float32", "pt")
     for name in ("_logits", "layer_0"):
         meta = completion.savepoint(name)
         assert os.path.isfile(meta.file_path), f"`{name}`: file_path {meta.file_path!r} does not exist"
@@ -116,8 +120,8 @@ def test_file_path_is_the_served_file(capture_runs):
             f"`{name}`: the file at file_path differs from what the url serves")
 
 
-def test_deleting_a_run_removes_its_files(capture_client, capture_runs, capture_target):
-    completion, _ = _capture(capture_runs, "float32", "pt", steps=2, cached=False)
+def test_deleting_a_run_removes_its_files(model_layout, capture_client, capture_runs, capture_target):
+    completion, _ = _capture(capture_runs, model_layout, "float32", "pt", steps=2, cached=False)
     meta = completion.savepoint("_logits")
     assert capture_client.get(meta.url).status == 200, f"{meta.url} not downloadable before the delete"
     answer = capture_client.delete(f"/v1/activations/{completion.run_id}")
@@ -128,16 +132,16 @@ def test_deleting_a_run_removes_its_files(capture_client, capture_runs, capture_
         assert not os.path.exists(meta.file_path), f"after DELETE, {meta.file_path} is still on disk"
 
 
-def test_dtype_and_format_matrix_matches_snapshot(capture_runs, ground_truth, shape_snapshot):
-    completion, _ = _capture(capture_runs, "bfloat16", "safetensors")
+def test_dtype_and_format_matrix_matches_snapshot(model_layout, capture_runs, ground_truth, shape_snapshot):
+    completion, _ = _capture(capture_runs, model_layout, "bfloat16", "safetensors")
     shape_snapshot.check(completion)
 
 
 @pytest.mark.full
 @pytest.mark.parametrize("tokens", ["first", "last"])
 @pytest.mark.parametrize("dtype,file_format", MATRIX)
-def test_first_and_last_in_every_dtype_and_format(capture_runs, ground_truth, dtype, file_format, tokens):
-    completion = capture_runs.capture(prompts.STORY, 16, savepoints=SAVEPOINTS, dtype=dtype, file_format=file_format,
+def test_first_and_last_in_every_dtype_and_format(model_layout, capture_runs, ground_truth, dtype, file_format, tokens):
+    completion = capture_runs.capture(prompts.STORY, 16, savepoints=_savepoints(model_layout), dtype=dtype, file_format=file_format,
                                       tokens=tokens)
     n = expect_token_counts(completion, expected_steps=16)
     for name, width in (("_logits", ground_truth.vocab_size), ("layer_0", ground_truth.hidden_size)):

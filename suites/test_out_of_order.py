@@ -36,14 +36,14 @@ def traffic(capture_client):
         yield seen
 
 
-def _layers(ground_truth):
-    last = (ground_truth.num_layers or 2) - 1
-    return [{"name": "head", "selector": "lm_head"}, {"name": "layer_last", "selector": f"model.layers[{last}]"},
-            {"name": "layer_0", "selector": "model.layers[0]"}]
+def _layers(layout):
+    """Head, last block, first block: listed against execution order (from the model's discovered layout)."""
+    return [{"name": "head", "selector": layout.head}, {"name": "layer_last", "selector": layout.block(layout.last)},
+            {"name": "layer_0", "selector": layout.block(0)}]
 
 
-def test_sampling_with_temperature_and_top_p(capture_runs, ground_truth, traffic):
-    completion = capture_runs.capture(prompts.STORY, 6, savepoints=_layers(ground_truth), temperature=0.8, top_p=0.9,
+def test_sampling_with_temperature_and_top_p(model_layout, capture_runs, ground_truth, traffic):
+    completion = capture_runs.capture(prompts.STORY, 6, savepoints=_layers(model_layout), temperature=0.8, top_p=0.9,
                                       seed=7, cached=False)
     n = expect_token_counts(completion)
     assert 1 <= n <= 6, f"sampling generated {n} tokens for max_tokens 6"
@@ -55,19 +55,26 @@ def test_sampling_with_temperature_and_top_p(capture_runs, ground_truth, traffic
     expect_all_clean(traffic)
 
 
-def test_savepoints_in_reverse_execution_order(capture_runs, ground_truth, traffic):
-    savepoints = _layers(ground_truth) + [{"name": "embeddings", "selector": "model.embed_tokens"}]
+def test_savepoints_in_reverse_execution_order(model_layout, capture_runs, ground_truth, traffic):
+    savepoints = _layers(model_layout)
+    if model_layout.embeddings:  # the embeddings run first of all: listed last
+        savepoints.append({"name": "embeddings", "selector": model_layout.embeddings})
     completion = capture_runs.capture(prompts.STORY, 4, savepoints=savepoints, cached=False)
     n = expect_token_counts(completion, expected_steps=4)
     expect_argmax_matches(capture_runs.tensor(completion, "head"), completion.token_ids, name="head")
-    for name in ("layer_last", "layer_0", "embeddings"):
-        expect_shape(completion.savepoint(name), [1, n, ground_truth.hidden_size], ground_truth, steps=n,
+    # The embeddings' own width (OPT's word_embed_proj_dim may be narrower than H) where the module tree gave it.
+    widths = {"layer_last": ground_truth.hidden_size, "layer_0": ground_truth.hidden_size}
+    if model_layout.embeddings:
+        widths["embeddings"] = model_layout.hidden_size or ground_truth.hidden_size
+    for name, width in widths.items():
+        expect_shape(completion.savepoint(name), [1, n, width], ground_truth, steps=n,
                      context="savepoints listed in reverse execution order")
     expect_all_clean(traffic)
 
 
-def test_output_then_input_of_one_module(capture_runs, ground_truth, traffic):
-    savepoints = [{"name": "out", "selector": "model.layers[0].output"}, {"name": "in", "selector": "model.layers[0].input"}]
+def test_output_then_input_of_one_module(model_layout, capture_runs, ground_truth, traffic):
+    savepoints = [{"name": "out", "selector": f"{model_layout.block(0)}.output"},
+                  {"name": "in", "selector": model_layout.block(0, io="input")}]
     completion = capture_runs.capture(prompts.STORY, 3, savepoints=savepoints, cached=False)
     n = expect_token_counts(completion, expected_steps=3)
     for name in ("out", "in"):
@@ -76,8 +83,8 @@ def test_output_then_input_of_one_module(capture_runs, ground_truth, traffic):
     expect_all_clean(traffic)
 
 
-def test_one_new_token_with_layer_savepoints(capture_runs, ground_truth, traffic):
-    completion = capture_runs.capture(prompts.STORY, 1, savepoints=_layers(ground_truth), cached=False)
+def test_one_new_token_with_layer_savepoints(model_layout, capture_runs, ground_truth, traffic):
+    completion = capture_runs.capture(prompts.STORY, 1, savepoints=_layers(model_layout), cached=False)
     n = expect_token_counts(completion, expected_steps=1)
     expect_shape(completion.savepoint("head"), [1, 1, ground_truth.vocab_size], ground_truth, steps=n,
                  context="max_tokens 1")
@@ -86,14 +93,14 @@ def test_one_new_token_with_layer_savepoints(capture_runs, ground_truth, traffic
     expect_all_clean(traffic)
 
 
-def test_a_valid_request_right_after_a_failed_one(capture_client, capture_runs, capture_model, ground_truth, traffic,
+def test_a_valid_request_right_after_a_failed_one(model_layout, capture_client, capture_runs, capture_model, ground_truth, traffic,
                                                   capture_dialect):
     if capture_dialect != V1:  # the failing request is a `capture` object the dialect has not got
         missing("the 'capture' object", capture_dialect)
     bad = capture_client.chat(capture_model, prompts.STORY, 4,
-                              capture={"savepoints": ["lm_head", "model.no_such_module"]})
+                              capture={"savepoints": [model_layout.head, f"{model_layout.blocks}.no_such_module"]})
     assert 400 <= bad.status < 500, f"an unknown selector should be a 4xx: {bad.describe()}"
-    completion = capture_runs.capture(prompts.STORY, 4, savepoints=_layers(ground_truth), cached=False)
+    completion = capture_runs.capture(prompts.STORY, 4, savepoints=_layers(model_layout), cached=False)
     n = expect_token_counts(completion, expected_steps=4)
     expect_argmax_matches(capture_runs.tensor(completion, "head"), completion.token_ids, name="head after a failure")
     expect_shape(completion.savepoint("layer_0"), [1, n, ground_truth.hidden_size], ground_truth, steps=n,
@@ -101,9 +108,9 @@ def test_a_valid_request_right_after_a_failed_one(capture_client, capture_runs, 
     expect_all_clean(traffic)
 
 
-def _run(capture_runs, prompt: str) -> Completion:
-    return capture_runs.capture(prompt, 4, savepoints=[{"name": "head", "selector": "lm_head"},
-                                                       {"name": "layer_0", "selector": "model.layers[0]"}],
+def _run(capture_runs, layout, prompt: str) -> Completion:
+    return capture_runs.capture(prompt, 4, savepoints=[{"name": "head", "selector": layout.head},
+                                                       {"name": "layer_0", "selector": layout.block(0)}],
                                 cached=False)
 
 
@@ -115,24 +122,24 @@ def _same_as_solo(capture_runs, solo: Completion, together: Completion, label: s
                      what=f"{label}: `{name}` among concurrent requests vs alone", rtol=TOL[0], atol=TOL[1])
 
 
-def test_concurrent_requests_equal_their_solo_runs(capture_runs, traffic):
-    solo = [_run(capture_runs, prompt) for prompt in prompts.VARIED[:CONCURRENT]]
+def test_concurrent_requests_equal_their_solo_runs(model_layout, capture_runs, traffic):
+    solo = [_run(capture_runs, model_layout, prompt) for prompt in prompts.VARIED[:CONCURRENT]]
     with ThreadPoolExecutor(CONCURRENT) as pool:
-        together = list(pool.map(lambda p: _run(capture_runs, p), prompts.VARIED[:CONCURRENT]))
+        together = list(pool.map(lambda p: _run(capture_runs, model_layout, p), prompts.VARIED[:CONCURRENT]))
     for prompt, alone, among in zip(prompts.VARIED, solo, together):
         _same_as_solo(capture_runs, alone, among, f"request {prompt!r}")
     expect_all_clean(traffic)
 
 
-def test_chat_and_pure_nnsight_interleaved(capture_client, capture_runs, capture_model, ground_truth, traffic):
-    solo = [_run(capture_runs, prompt) for prompt in prompts.VARIED[:4]]
+def test_chat_and_pure_nnsight_interleaved(model_layout, capture_client, capture_runs, capture_model, ground_truth, traffic):
+    solo = [_run(capture_runs, model_layout, prompt) for prompt in prompts.VARIED[:4]]
 
     def pure(_):
         answer = capture_client.pure_nnsight(model=capture_model, prompt=prompts.RAW_PROMPT, max_new_tokens=3)
         return answer.ok_json()
 
     with ThreadPoolExecutor(8) as pool:
-        chats = [pool.submit(_run, capture_runs, prompt) for prompt in prompts.VARIED[:4]]
+        chats = [pool.submit(_run, capture_runs, model_layout, prompt) for prompt in prompts.VARIED[:4]]
         pures = [pool.submit(pure, i) for i in range(4)]
         together = [f.result() for f in chats]
         pure_results = [f.result() for f in pures]
@@ -145,14 +152,14 @@ def test_chat_and_pure_nnsight_interleaved(capture_client, capture_runs, capture
 
 
 @pytest.mark.full
-def test_many_rounds_of_concurrent_mixed_requests(capture_client, capture_runs, capture_model, traffic):
-    solo = {prompt: _run(capture_runs, prompt) for prompt in prompts.VARIED}
+def test_many_rounds_of_concurrent_mixed_requests(model_layout, capture_client, capture_runs, capture_model, traffic):
+    solo = {prompt: _run(capture_runs, model_layout, prompt) for prompt in prompts.VARIED}
 
     def one(i: int):
         prompt = prompts.VARIED[i % len(prompts.VARIED)]
         if i % 5 == 4:
-            return None, capture_client.chat(capture_model, prompt, 2, capture={"savepoints": ["model.nope"]})
-        return prompt, _run(capture_runs, prompt)
+            return None, capture_client.chat(capture_model, prompt, 2, capture={"savepoints": [f"{model_layout.blocks}.nope"]})
+        return prompt, _run(capture_runs, model_layout, prompt)
 
     with ThreadPoolExecutor(CONCURRENT) as pool:
         results = list(pool.map(one, range(40)))

@@ -5,7 +5,13 @@ prompt and completion, the last completion token included; both agree with the
 ``"generated"`` capture where they overlap. A server without the feature (it says
 so in ``/v1/models`` ``capture.features``, or its answer shows it) is reported as
 "no prompt capture", not failed; the bundled reference server has it, so there
-the same finding is a failure.
+the same finding is a failure. A 4xx that the same savepoints also get without
+``capture.positions`` is a request the server refuses (a selector it does not
+have, say), never a missing feature; and a server that lists the feature in
+``capture.features`` fails, not skips, when it then refuses it.
+
+The savepoints are the model's head and first block, as ``model_layout``
+discovered them.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from capture_conformance.harness.protocol.tensors import LoadedTensor
 pytestmark = pytest.mark.area("positions")
 
 STEPS = 5
-LAYER = "model.layers[0]"
-SAVEPOINTS = ["lm_head", LAYER]
+HEAD, LAYER = "head", "layer_0"  # the savepoints' names; their selectors come from the model's layout
+SAVEPOINTS = [HEAD, LAYER]
 FEATURE = {"prompt": "prompt", "sequence": "sequence"}
 
 
@@ -42,16 +48,18 @@ def _advertised_features(capture_client, capture_model) -> list | None:
 class Positions:
     """Greedy captures of one prompt at each position kind, asked once per session and shared."""
 
-    def __init__(self, capture_runs, capture_client, capture_options, capture_model, capture_dialect):
+    def __init__(self, capture_runs, capture_client, capture_options, capture_model, capture_dialect, layout):
         if capture_dialect != V1:  # no per-request `capture` object there, let alone its positions
             missing("no prompt capture (capture.positions of protocol 1.1)", capture_dialect)
         self.runs = capture_runs
         self.client = capture_client
         self.options = capture_options
         self.features = _advertised_features(capture_client, capture_model)
+        self.selectors = {HEAD: layout.head, LAYER: layout.block(0)}
 
     def completion(self, positions: str, *, savepoints=SAVEPOINTS, steps: int = STEPS, tokens: str | None = None,
                    prompt: str = prompts.STORY) -> Completion:
+        savepoints = [{"name": name, "selector": self.selectors[name]} for name in savepoints]
         if positions != "generated" and self.features is not None and FEATURE[positions] not in self.features:
             _lacking(self.options, FEATURE[positions], f"/v1/models capture.features is {self.features}, without {positions!r}")
         capture = {"savepoints": savepoints, **({"positions": positions} if positions != "generated" else {}),
@@ -60,7 +68,7 @@ class Positions:
         answer = self.client.post("/v1/chat/completions", body) if positions != "generated" else None
         if answer is not None and answer.status != 200:
             if 400 <= answer.status < 500:
-                _lacking(self.options, FEATURE[positions], f"asked with capture.positions={positions!r}, {answer.describe()}")
+                self._refused(positions, body, answer)
             answer.ok_json()  # a 5xx is a defect: fails with what the server said
         completion = (Completion(answer.ok_json(), body) if answer is not None
                       else self.runs.chat(prompt, steps, capture=capture))
@@ -72,13 +80,26 @@ class Positions:
                                       f"has no 'positions' (shapes {shapes}): the option was ignored")
         return completion
 
+    def _refused(self, positions: str, body: dict, answer) -> None:
+        """A 4xx to a positions request: a missing feature only when the request is fine without the option."""
+        said = f"asked with capture.positions={positions!r}, {answer.describe()}"
+        plain = {**body, "capture": {k: v for k, v in body["capture"].items() if k != "positions"}}
+        without = self.client.post("/v1/chat/completions", plain)
+        if without.status != 200:  # (a run it stored is deleted at the end like every other: the ledger saw it)
+            pytest.fail(f"{said}; the same request without capture.positions is refused too "
+                        f"({without.describe()}): the request itself is refused (savepoints "
+                        f"{[s['selector'] for s in body['capture']['savepoints']]}), not a missing feature")
+        if self.features is not None and FEATURE[positions] in self.features:
+            pytest.fail(f"{said}, although /v1/models capture.features lists {FEATURE[positions]!r}")
+        _lacking(self.options, FEATURE[positions], said)
+
     def tensor(self, completion: Completion, name: str) -> LoadedTensor:
         return self.runs.tensor(completion, name)
 
 
 @pytest.fixture(scope="module")
-def positions(capture_runs, capture_client, capture_options, capture_model, capture_dialect) -> Positions:
-    return Positions(capture_runs, capture_client, capture_options, capture_model, capture_dialect)
+def positions(capture_runs, capture_client, capture_options, capture_model, capture_dialect, model_layout) -> Positions:
+    return Positions(capture_runs, capture_client, capture_options, capture_model, capture_dialect, model_layout)
 
 
 def prompt_len(completion: Completion, ground_truth) -> int:
@@ -95,7 +116,7 @@ def prompt_len(completion: Completion, ground_truth) -> int:
 
 
 def _width(ground_truth, name: str) -> int:
-    return ground_truth.vocab_size if name == "lm_head" else ground_truth.hidden_size
+    return ground_truth.vocab_size if name == HEAD else ground_truth.hidden_size
 
 
 @pytest.mark.parametrize("kind", ["prompt", "sequence"])
@@ -153,10 +174,11 @@ def test_sequence_positions_p_minus_1_on_are_the_generated_steps(positions, grou
 def test_greedy_sequence_logits_argmax_to_the_completion(positions, ground_truth):
     sequence = positions.completion("sequence")
     p, n = prompt_len(sequence, ground_truth), len(sequence.token_ids)
-    logits = positions.tensor(sequence, "lm_head")
+    logits = positions.tensor(sequence, HEAD)
     values = logits.values[:, p - 1:p + n - 1]
     window = LoadedTensor(logits.dtype, tuple(values.shape), values)
-    expect_argmax_matches(window, sequence.token_ids, name=f"lm_head positions {p - 1}..{p + n - 2}")
+    expect_argmax_matches(window, sequence.token_ids,
+                          name=f"{positions.selectors[HEAD]} positions {p - 1}..{p + n - 2}")
 
 
 @pytest.mark.parametrize("tokens", ["first", "last"])

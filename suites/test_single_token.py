@@ -99,9 +99,10 @@ def test_pure_nnsight_n_new_tokens_is_1_n_v(capture_client, capture_model, groun
         f"expected [1, {PURE_STEPS}, {ground_truth.vocab_size}] (generated {result['generated_text']!r})")
 
 
-def test_first_and_last_capture_shapes_match_snapshot(capture_runs, shape_snapshot):
+def test_first_and_last_capture_shapes_match_snapshot(capture_runs, model_layout, shape_snapshot):
     completion = capture_runs.capture(
         prompts.STORY, STEPS, tokens="first",
-        savepoints=[{"name": "_logits", "selector": "lm_head"}, {"name": "layer_0", "selector": "model.layers[0]"}],
+        savepoints=[{"name": "_logits", "selector": model_layout.head},
+                    {"name": "layer_0", "selector": model_layout.block(0)}],
     )
     shape_snapshot.check(completion)

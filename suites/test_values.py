@@ -27,9 +27,9 @@ def _named(**selectors: str) -> list[dict]:
     return [{"name": name, "selector": selector} for name, selector in selectors.items()]
 
 
-def _layers(ground_truth) -> list[int]:
+def _layers(layout) -> list[int]:
     """Every decoder layer of a small model; first, second, middle, last two of a deep one."""
-    count = ground_truth.num_layers or 2
+    count = layout.num_blocks
     if count <= 6:
         return list(range(count))
     return sorted({0, 1, count // 2, count - 2, count - 1})
@@ -37,7 +37,7 @@ def _layers(ground_truth) -> list[int]:
 
 def test_logits_match_the_reference(capture_runs, value_checks):
     value_checks.require()
-    completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(_logits="lm_head"))
+    completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(_logits="logits"))
     expect_token_counts(completion, expected_steps=STEPS)
     value_checks.check(completion)
 
@@ -48,37 +48,45 @@ def test_store_activations_logits_match_the_reference(capture_runs, value_checks
     value_checks.check(completion, ["_logits"])
 
 
-def test_decoder_layer_outputs_match_the_reference(capture_runs, ground_truth, value_checks):
+def test_decoder_layer_outputs_match_the_reference(capture_runs, model_layout, value_checks):
     value_checks.require()
-    layers = _layers(ground_truth)
+    layers = _layers(model_layout)
     completion = capture_runs.capture(prompts.STORY, STEPS,
-                                      savepoints=_named(**{f"layer_{i}": f"model.layers[{i}]" for i in layers}))
+                                      savepoints=_named(**{f"layer_{i}": model_layout.block(i) for i in layers}))
     value_checks.check(completion)
 
 
-def test_inputs_match_the_reference(capture_runs, ground_truth, value_checks):
+def test_inputs_match_the_reference(capture_runs, model_layout, value_checks):
     value_checks.require()
-    last = (ground_truth.num_layers or 2) - 1
+    layout = model_layout
     completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(
-        layer_0_input="model.layers[0].input", layer_last_input=f"model.layers[{last}].input",
-        head_input="lm_head.input"))
+        layer_0_input=layout.block(0, io="input"), layer_last_input=layout.block(layout.last, io="input"),
+        head_input=f"{layout.head}.input"))
     value_checks.check(completion)
 
 
-def test_submodules_match_the_reference(capture_runs, value_checks):
+def _submodules(layout) -> dict[str, str]:
+    """Block 0's MLP, down projection input and first norm, where the family has them."""
+    wanted = {"mlp": layout.block_dotted(0, layout.block_mlp) if layout.block_mlp else None,
+              "down_proj_input": layout.block(0, layout.block_down_proj, io="input") if layout.block_down_proj else None,
+              "attn_norm": layout.block(0, layout.block_norm) if layout.block_norm else None}
+    return {name: selector for name, selector in wanted.items() if selector}
+
+
+def test_submodules_match_the_reference(capture_runs, model_layout, value_checks):
     value_checks.require()
-    completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(
-        mlp="model.layers.0.mlp", down_proj_input="model.layers[0].mlp.down_proj.input",
-        attn_norm="model.layers[0].input_layernorm"))
+    wanted = _submodules(model_layout)
+    if not wanted:
+        pytest.skip(f"no block submodule discovered in the model ({model_layout.source})")
+    completion = capture_runs.capture(prompts.STORY, STEPS, savepoints=_named(**wanted))
     value_checks.check(completion)
 
 
 @pytest.mark.parametrize("tokens", ["first", "last"])
-def test_first_and_last_match_their_positions(capture_runs, ground_truth, value_checks, tokens):
+def test_first_and_last_match_their_positions(capture_runs, model_layout, value_checks, tokens):
     value_checks.require()
-    last = (ground_truth.num_layers or 2) - 1
     completion = capture_runs.capture(prompts.STORY, STEPS, tokens=tokens, savepoints=_named(
-        _logits="lm_head", layer_0="model.layers[0]", layer_last=f"model.layers[{last}]"))
+        _logits="logits", layer_0=model_layout.block(0), layer_last=model_layout.block(model_layout.last)))
     value_checks.check(completion)
 
 
@@ -88,38 +96,38 @@ def test_first_and_last_match_their_positions(capture_runs, ground_truth, value_
     pytest.param("bfloat16", "safetensors", marks=pytest.mark.full),
     pytest.param("float16", "pt", marks=pytest.mark.full),
 ])
-def test_capture_dtypes_and_formats_keep_the_values(capture_runs, value_checks, dtype, file_format):
+def test_capture_dtypes_and_formats_keep_the_values(capture_runs, model_layout, value_checks, dtype, file_format):
     value_checks.require()
     completion = capture_runs.capture(prompts.STORY, STEPS, dtype=dtype, file_format=file_format,
-                                      savepoints=_named(_logits="lm_head", layer_0="model.layers[0]"))
+                                      savepoints=_named(_logits="logits", layer_0=model_layout.block(0)))
     for meta in completion.meta.values():
         assert meta.dtype == f"torch.{dtype}", f"`{meta.name}` is {meta.dtype}, asked for {dtype}"
     value_checks.check(completion)
 
 
-def test_sampled_request_values_match_the_ids_it_returned(capture_runs, ground_truth, value_checks):
+def test_sampled_request_values_match_the_ids_it_returned(capture_runs, model_layout, ground_truth, value_checks):
     # The reference uses the ids the server sampled: a sampled capture is checkable too.
     value_checks.require()
     completion = capture_runs.capture(prompts.STORY, STEPS, temperature=0.7, top_p=1.0, seed=11,
-                                      savepoints=_named(_logits="lm_head", layer_0="model.layers[0]"))
+                                      savepoints=_named(_logits="logits", layer_0=model_layout.block(0)))
     value_checks.check(completion)
 
 
-def test_early_eos_values_match_the_reference(capture_runs, ground_truth, value_checks):
+def test_early_eos_values_match_the_reference(capture_runs, model_layout, ground_truth, value_checks):
     value_checks.require()
     completion = capture_runs.capture(prompts.SHORT_ANSWER, 16, savepoints=_named(
-        _logits="lm_head", layer_0="model.layers[0]"))
+        _logits="logits", layer_0=model_layout.block(0)))
     n = expect_token_counts(completion)
     assert n >= 1, f"no token generated for {prompts.SHORT_ANSWER!r}"
     value_checks.check(completion)
 
 
-def test_capture_does_not_change_generation(capture_runs, ground_truth):
+def test_capture_does_not_change_generation(capture_runs, model_layout):
     """No capture, ``_logits`` only, many savepoints: the same greedy request, the same ids and text."""
-    last = (ground_truth.num_layers or 2) - 1
-    many = _named(_logits="lm_head", head_input="lm_head.input", layer_0="model.layers[0]",
-                  layer_0_input="model.layers[0].input", mlp="model.layers[0].mlp",
-                  down_proj_input="model.layers[0].mlp.down_proj.input", layer_last=f"model.layers[{last}]")
+    layout = model_layout
+    many = _named(_logits="logits", head_input=f"{layout.head}.input", layer_0=layout.block(0),
+                  layer_0_input=layout.block(0, io="input"), layer_last=layout.block(layout.last),
+                  **{k: v for k, v in _submodules(layout).items() if k != "attn_norm"})
     plain = capture_runs.chat(prompts.STORY, 8, cached=False)
     logits_only = capture_runs.chat(prompts.STORY, 8, store_activations=True, cached=False)
     loaded = capture_runs.capture(prompts.STORY, 8, savepoints=many, cached=False)

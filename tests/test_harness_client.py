@@ -216,6 +216,31 @@ def test_values_not_verifiable_says_shapes_only_and_is_no_silent_pass():
 # -- ground truth ---------------------------------------------------------------------------------------
 
 
+def test_config_keys_of_every_family_are_read_through_the_alias_table():
+    from capture_conformance.harness.protocol.ground_truth import config_numbers_by_alias
+
+    gpt2 = {"n_embd": 48, "n_layer": 3, "n_inner": None, "vocab_size": 2048, "n_head": 4}
+    assert config_numbers_by_alias(gpt2) == {"vocab_size": 2048, "hidden_size": 48, "num_layers": 3}
+    opt = {"hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 128, "vocab_size": 50}
+    assert config_numbers_by_alias(opt)["intermediate_size"] == 128
+    t5_like = {"d_model": 64, "num_layers": 6, "d_ff": 256, "vocab_size": 99}
+    assert config_numbers_by_alias(t5_like) == {"vocab_size": 99, "hidden_size": 64, "num_layers": 6,
+                                                "intermediate_size": 256}
+
+
+def test_a_gpt2_config_gives_independent_ground_truth_with_every_sources_named(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from capture_conformance.harness.protocol.ground_truth import SOURCE_MODULE_TREE, resolve_ground_truth
+
+    transformers.GPT2Config(n_embd=48, n_layer=3, n_head=4, n_inner=None, vocab_size=2048).save_pretrained(tmp_path)
+    truth = resolve_ground_truth(str(tmp_path), server_capture_block=lambda: {"hidden_size": 1, "num_layers": 1})
+    assert (truth.vocab_size, truth.hidden_size, truth.num_layers) == (2048, 48, 3)
+    # n_inner null means 4 x n_embd in GPT-2: the module tree says so, the config does not.
+    assert truth.intermediate_size == 4 * 48 and truth.sources["intermediate_size"] == SOURCE_MODULE_TREE
+    assert truth.independent and truth.from_server == []
+    assert all(source.startswith("model config") for k, source in truth.sources.items() if k != "intermediate_size")
+
+
 def test_ground_truth_prefers_the_model_config_then_the_options_then_the_server(tmp_path):
     from capture_conformance.harness.protocol.ground_truth import SOURCE_OPTIONS, SOURCE_SERVER, resolve_ground_truth
 
@@ -238,8 +263,12 @@ def test_ground_truth_prefers_the_model_config_then_the_options_then_the_server(
                                         server_capture_block=lambda: server_block)
     assert (from_options.vocab_size, from_options.hidden_size) == (32000, 4096)
     assert from_options.source.startswith(SOURCE_OPTIONS) and "num_layers from server" in from_options.source
-    assert from_options.num_layers == 5 and from_options.independent
+    # One number from the server makes the whole ground truth not independent (issue 18).
+    assert from_options.num_layers == 5 and not from_options.independent
+    assert from_options.from_server == ["num_layers"] and from_options.sources["vocab_size"] == SOURCE_OPTIONS
+
 
     from_server = resolve_ground_truth("org/not-here", server_capture_block=lambda: server_block)
+    assert from_server.from_server == ["vocab_size", "hidden_size", "num_layers"]
     assert from_server.source == SOURCE_SERVER and not from_server.independent
     assert from_server.tokenizer is None and "no local copy" in from_server.tokenizer_note

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from capture_conformance.harness.protocol.layout import Layout, layout_from_module
 from capture_conformance.harness.protocol.reference import Reference, Site, get_reference, parse_site
 from capture_conformance.harness.protocol.values import compare, tolerance_for
 
@@ -21,15 +22,16 @@ PROMPT = [{"role": "user", "content": "Tell me a short story about a fox."}]
 @pytest.fixture(scope="module")
 def reference(hf_reference, tiny_model_dir):
     model, _ = hf_reference
-    return Reference("tiny-qwen3", str(tiny_model_dir), "cpu", "float32", model,
-                     num_layers=model.config.num_hidden_layers)
+    return Reference("tiny-qwen3", str(tiny_model_dir), "cpu", "float32", model, layout_from_module(model))
 
 
 def test_selectors_parse_like_the_protocol_says():
     assert parse_site("model.layers[3]") == Site("model.layers.3", "output")
     assert parse_site("model.layers.3.output") == Site("model.layers.3", "output")
     assert parse_site("model.layers[0].mlp.down_proj.input") == Site("model.layers.0.mlp.down_proj", "input")
-    assert parse_site("logits") == Site("lm_head", "output")
+    assert parse_site("logits", head="lm_head") == Site("lm_head", "output")
+    assert parse_site("logits.input", head="embed_out") == Site("embed_out", "input")  # the model's own head
+    assert parse_site("logits") == Site("logits", "output")  # no head known: the alias stays itself
     assert parse_site("model.layers.0.mlp.down_proj.input").label == "model.layers[0].mlp.down_proj.input"
     with pytest.raises(ValueError):
         parse_site("model.layers[0]; import os")
@@ -73,12 +75,15 @@ SITES = {Site("model.layers.0"): RNG.normal(size=(P + N, H)).astype(np.float32),
          Site("model.layers.1"): RNG.normal(size=(P + N, H)).astype(np.float32)}
 LOGITS = {Site("lm_head"): (3 * RNG.normal(size=(P + N, V))).astype(np.float32)}
 FP32 = tolerance_for("float32", "float32")
+# The synthetic model's roles, as the reference's layout would give them.
+LAYOUT = Layout(blocks="model.layers", num_blocks=2, head="lm_head", source="synthetic", independent=True,
+                final_norm="model.norm", block_mlp="mlp")
 
 
 def _compare(served, site=Site("model.layers.0"), reference=None, tokens="all", temperature=None):
     return compare(name="x", selector=site.label, tokens=tokens, capture_dtype="float32", served=served[None],
                    site=site, reference=reference or SITES, prompt_len=P, generated=N, tolerance=FP32,
-                   temperature=temperature)
+                   temperature=temperature, layout=LAYOUT)
 
 
 def test_the_right_value_passes_and_names_its_nearest_wrong_candidate():

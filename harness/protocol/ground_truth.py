@@ -11,10 +11,17 @@ catches it. In order of preference:
 3. the server's own ``/v1/models`` ``capture`` block, as a last resort: the checks
    then only prove self-consistency, and ``source`` says so in the report.
 
+Config keys differ by family (GPT-2 says ``n_embd``/``n_layer``/``n_inner``, OPT
+``ffn_dim``): where transformers is installed its own config classes map them
+(``attribute_map``); the light install reads ``config.json`` through the small
+alias table below. A number the config does not give (GPT-2's ``n_inner: null``)
+is read off the model's module tree on the ``meta`` device where possible.
+Every number keeps its source in ``sources``; one taken from the server makes
+the ground truth not independent, whatever the other numbers' sources.
+
 The tokenizer (for prompt lengths and decoding) comes from the same local
 directory and needs ``transformers``; without it those checks are reported as
-not verifiable. ``config.json`` is read as plain JSON, so the light install
-(no transformers) still gets the dimensions.
+not verifiable.
 """
 
 from __future__ import annotations
@@ -28,6 +35,16 @@ from typing import Any, Callable
 SOURCE_CONFIG = "model config"
 SOURCE_OPTIONS = "command-line options"
 SOURCE_SERVER = "server /v1/models (not independent)"
+SOURCE_MODULE_TREE = "module tree (built from the config on the meta device)"
+
+NUMBERS = ("vocab_size", "hidden_size", "num_layers", "intermediate_size")
+# The light install's key mapping; transformers' own attribute_map is preferred where it is installed.
+CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
+    "vocab_size": ("vocab_size", "n_vocab", "padded_vocab_size"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "model_dim", "dim"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"),
+}
 
 
 @dataclass
@@ -41,6 +58,7 @@ class GroundTruth:
     model_dir: str | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     tokenizer_note: str = ""
+    sources: dict[str, str] = field(default_factory=dict)  # number -> where it came from
     # Loaded on first use: importing transformers costs seconds that most tests do not need.
     _tokenizer: Any = field(default=None, repr=False)
     _tokenizer_tried: bool = field(default=False, repr=False)
@@ -56,8 +74,13 @@ class GroundTruth:
 
     @property
     def independent(self) -> bool:
-        """Whether vocab and hidden size were learnt elsewhere than from the server under test."""
-        return not self.source.startswith((SOURCE_SERVER, "none"))
+        """Whether every number known was learnt elsewhere than from the server under test."""
+        known = [self.sources.get(n) for n in NUMBERS if getattr(self, n)]
+        return bool(known) and SOURCE_SERVER not in known and None not in known
+
+    @property
+    def from_server(self) -> list[str]:
+        return [n for n in NUMBERS if self.sources.get(n) == SOURCE_SERVER]
 
     def dims(self) -> dict[str, int]:
         """Symbol -> size, for naming the dimensions of a shape (``V``, ``H``, ``I``)."""
@@ -94,10 +117,11 @@ def resolve_ground_truth(
     if model_dir is not None:
         config = read_model_config(model_dir)
         truth.model_dir = str(model_dir)
-        truth.vocab_size = config.get("vocab_size")
-        truth.hidden_size = config.get("hidden_size")
-        truth.num_layers = config.get("num_hidden_layers")
-        truth.intermediate_size = config.get("intermediate_size")
+        numbers, how = config_numbers(model_dir, config)
+        for attr, value in numbers.items():
+            _set(truth, attr, value, f"{SOURCE_CONFIG} ({how})")
+        if truth.intermediate_size is None:
+            _set(truth, "intermediate_size", _tree_intermediate(model_dir), SOURCE_MODULE_TREE)
         truth.eos_token_ids = _eos_ids(model_dir, config)
         truth.source = f"{SOURCE_CONFIG} ({model_dir})"
     if expect_vocab or expect_hidden or expect_layers:
@@ -107,7 +131,7 @@ def resolve_ground_truth(
             if given and known and given != known:
                 raise ValueError(f"--expect option says {attr}={given} but the model's config.json says {known}")
             if given and not known:
-                setattr(truth, attr, given)
+                _set(truth, attr, given, SOURCE_OPTIONS)
         if model_dir is None:
             truth.source = SOURCE_OPTIONS
     missing = [a for a in ("vocab_size", "hidden_size", "num_layers") if not getattr(truth, a)]
@@ -115,7 +139,7 @@ def resolve_ground_truth(
         block = server_capture_block() or {}
         filled = [a for a in missing if _int_or_none(block.get(a))]
         for attr in filled:
-            setattr(truth, attr, _int_or_none(block.get(attr)))
+            _set(truth, attr, _int_or_none(block.get(attr)), SOURCE_SERVER)
         if truth.source == "none":
             truth.source = SOURCE_SERVER
         elif filled:
@@ -123,6 +147,52 @@ def resolve_ground_truth(
     if model_dir is None:
         truth.tokenizer_note = f"no local copy of {model_id}: tokenizer checks cannot be verified"
     return truth
+
+
+def config_numbers(model_dir: Path, config: dict) -> tuple[dict[str, int], str]:
+    """vocab/hidden/layers/intermediate from a config, through transformers' key mapping where it is installed."""
+    try:
+        from transformers import AutoConfig
+
+        loaded = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        text = loaded.get_text_config() if hasattr(loaded, "get_text_config") else loaded
+        mapped = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                  "intermediate_size": "intermediate_size"}
+        numbers = {attr: _int_or_none(getattr(text, key, None)) for attr, key in mapped.items()}
+        # intermediate_size has no attribute_map entry in some families (GPT-2's n_inner, OPT's ffn_dim).
+        rest = config_numbers_by_alias(text.to_dict())
+        merged = {a: numbers.get(a) or rest.get(a) for a in NUMBERS}
+        return {a: v for a, v in merged.items() if v}, "read through transformers' config classes"
+    except ImportError:
+        pass
+    except Exception:  # an architecture this transformers does not know: the alias table still reads it
+        pass
+    return config_numbers_by_alias(config), "read through the alias table"
+
+
+def config_numbers_by_alias(config: dict) -> dict[str, int]:
+    """The light install's reading: the first key of ``CONFIG_ALIASES`` that holds an integer."""
+    found: dict[str, int] = {}
+    for attr, keys in CONFIG_ALIASES.items():
+        value = next((v for v in (_int_or_none(config.get(k)) for k in keys) if v), None)
+        if value:
+            found[attr] = value
+    return found
+
+
+def _tree_intermediate(model_dir: Path) -> int | None:
+    try:
+        from capture_conformance.harness.protocol.layout import layout_from_model_dir
+
+        return layout_from_model_dir(model_dir).intermediate_size
+    except Exception:  # light install, or a family this transformers cannot build
+        return None
+
+
+def _set(truth: GroundTruth, attr: str, value: int | None, source: str) -> None:
+    if value:
+        setattr(truth, attr, value)
+        truth.sources[attr] = source
 
 
 def locate_model_dir(model_id: str) -> Path | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -126,6 +127,11 @@ class Layout:
 
 def layout_from_model_dir(model_dir: str | Path) -> Layout:
     """The layout of the model in ``model_dir``, from its config on the ``meta`` device (no weights)."""
+    return _layout_of_dir(str(Path(model_dir).resolve()))
+
+
+@lru_cache(maxsize=8)  # ground truth and the suites' layout ask for the same directory; building costs a second
+def _layout_of_dir(model_dir: str) -> Layout:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

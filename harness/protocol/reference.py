@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from capture_conformance.harness.protocol.layout import Layout, layout_from_module
+
 EXTRA_HINT = "pip install 'capture-conformance[values]'"
 DEFAULT_DEVICE = "cpu"
 
@@ -47,11 +49,13 @@ class Site:
         return f"{text}.input" if self.io == "input" else text
 
 
-def parse_site(selector: str) -> Site:
+def parse_site(selector: str, *, head: str | None = None) -> Site:
     """The protocol's selector grammar (dots, ``[i]``, optional ``.input``/``.output``, alias ``logits``).
 
-    Written here rather than imported from the reference server: the harness must
-    not depend on the code it tests.
+    ``head`` is the model's output head (``lm_head``, ``embed_out``), which the
+    alias ``logits`` names; without it the alias stays ``logits``. Written here
+    rather than imported from the reference server: the harness must not depend
+    on the code it tests.
     """
     text = selector.strip()
     io = "output"
@@ -59,8 +63,8 @@ def parse_site(selector: str) -> Site:
         if text.endswith(suffix):
             text, io = text[: -len(suffix)], suffix[1:]
             break
-    if text == "logits":
-        text = "lm_head"
+    if text == "logits" and head:
+        text = head
     parts: list[str] = []
     for segment in text.split("."):
         match = _SEGMENT.fullmatch(segment)
@@ -72,14 +76,6 @@ def parse_site(selector: str) -> Site:
         else:
             raise ValueError(f"not a selector: {selector!r}")
     return Site(".".join(parts), io)
-
-
-def layer_of(site: Site) -> tuple[str, int, str] | None:
-    """``model.layers.3.mlp`` -> ("model.layers", 3, ".mlp"): where a decoder layer index sits, if any."""
-    match = re.match(r"^(.*\.layers)\.(\d+)((?:\..*)?)$", site.module_path)
-    if not match:
-        return None
-    return match.group(1), int(match.group(2)), match.group(3)
 
 
 @dataclass
@@ -105,7 +101,7 @@ class Reference:
     device: str
     dtype: str
     model: Any = field(repr=False)
-    num_layers: int = 0
+    layout: Layout = field(repr=False)
     _cache: "OrderedDict[tuple, dict[Site, np.ndarray]]" = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -114,6 +110,14 @@ class Reference:
     def describe(self) -> dict:
         return {"model": self.model_id, "directory": self.model_dir, "device": self.device, "dtype": self.dtype,
                 "library": "transformers (plain forward pass with hooks; no nnsight)"}
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_blocks
+
+    def site(self, selector: str) -> Site:
+        """A selector of the protocol as a site of this model (``logits`` is its own head)."""
+        return parse_site(selector, head=self.layout.head)
 
     def has_module(self, module_path: str) -> bool:
         try:
@@ -232,6 +236,6 @@ def _load(wanted: str, device: str, model_dir: str | None) -> ReferenceStatus:
     except Exception as exc:  # an unknown architecture, missing weights, a bad device name
         return ReferenceStatus(False, f"the reference model {model_dir} did not load on {device}: "
                                       f"{type(exc).__name__}: {str(exc)[:200]}")
-    layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
-    reference = Reference(wanted, model_dir, device, "float32", model, num_layers=layers)
+    # The roles (block stack, head, final norm) from the loaded model itself, for the candidates of a diagnosis.
+    reference = Reference(wanted, model_dir, device, "float32", model, layout_from_module(model))
     return ReferenceStatus(True, reference=reference)

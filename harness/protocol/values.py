@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from capture_conformance.harness.protocol.reference import Site, layer_of
+from capture_conformance.harness.protocol.layout import Layout
+from capture_conformance.harness.protocol.reference import Site
 
 # Relative error (Frobenius, over the compared steps) allowed for the server's model dtype:
 # fp32 servers differ from a full-sequence pass only by kernel and cache order (1e-6 on
@@ -113,30 +114,39 @@ class Comparison:
         return data
 
 
-def _site_label(site: Site) -> str:
-    where = layer_of(site)
-    if where and where[2] == "" and site.io == "output":
-        return f"layer {where[1]} of the reference (`{site.label}`)"
-    if site.module_path.endswith(".norm") and site.io == "output":
+def _site_label(site: Site, layout: Layout | None = None) -> str:
+    where = layout.block_of(site.module_path) if layout else None
+    if where and where[1] == "" and site.io == "output":
+        return f"layer {where[0]} of the reference (`{site.label}`)"
+    if where and layout.block_mlp and where[1] == f".{layout.block_mlp}" and site.io == "output":
+        return f"the MLP of layer {where[0]} of the reference (`{site.label}`), not the block's output"
+    if layout and site.module_path == layout.final_norm and site.io == "output":
         return f"`{site.label}` of the reference (the last layer after the final norm)"
     return f"`{site.label}` of the reference"
 
 
-def candidate_sites(site: Site, num_layers: int, has_module: Callable[[str], bool]) -> list[Site]:
-    """Other modules whose value a buggy server plausibly serves instead of ``site``'s."""
+def candidate_sites(site: Site, layout: Layout, has_module: Callable[[str], bool]) -> list[Site]:
+    """Other modules whose value a buggy server plausibly serves instead of ``site``'s.
+
+    Found by the model's structure (``layout``), whatever the family calls its
+    modules: the neighbouring blocks, the block around a submodule, the MLP
+    instead of the block, the final norm after the last block, the other side
+    of the same module.
+    """
     found: list[Site] = []
-    where = layer_of(site)
+    where = layout.block_of(site.module_path)
     if where:
-        stem, index, rest = where
+        index, rest = where
         for other in (index - 1, index + 1):
-            if 0 <= other < num_layers:
-                found.append(Site(f"{stem}.{other}{rest}", site.io))
-        if rest:  # a submodule: the decoder layer's own output (e.g. a capture modified by the residual add)
-            found.append(Site(f"{stem}.{index}", "output"))
-        if rest == "" and site.io == "output" and index == num_layers - 1:
-            norm = f"{stem.rsplit('.', 1)[0]}.norm"
-            if has_module(norm):
-                found.append(Site(norm, "output"))  # the last layer taken after the final norm
+            if 0 <= other < layout.num_blocks:
+                found.append(Site(f"{layout.blocks}.{other}{rest}", site.io))
+        if rest:  # a submodule: the block's own output (e.g. a capture modified by the residual add)
+            found.append(Site(f"{layout.blocks}.{index}", "output"))
+        elif site.io == "output":
+            if layout.block_mlp:  # the MLP's output, before the residual add
+                found.append(Site(f"{layout.blocks}.{index}.{layout.block_mlp}", "output"))
+            if index == layout.last and layout.final_norm:
+                found.append(Site(layout.final_norm, "output"))  # the last layer taken after the final norm
     found.append(Site(site.module_path, "input" if site.io == "output" else "output"))
     return [s for s in dict.fromkeys(found) if s != site and has_module(s.module_path)]
 
@@ -147,7 +157,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def lm_head_transforms(right: np.ndarray, temperature: float | None) -> list[Candidate]:
+def head_transforms(right: np.ndarray, temperature: float | None) -> list[Candidate]:
     out = [Candidate("softmax of the reference logits (probabilities)", _softmax(right)),
            Candidate("log_softmax of the reference logits (log-probabilities)",
                      right - np.log(np.exp(right - right.max(-1, keepdims=True)).sum(-1, keepdims=True))
@@ -160,8 +170,13 @@ def lm_head_transforms(right: np.ndarray, temperature: float | None) -> list[Can
 
 def compare(*, name: str, selector: str, tokens: str, capture_dtype: str, served: np.ndarray, site: Site,
             reference: dict[Site, np.ndarray], prompt_len: int, generated: int, tolerance: Tolerance,
-            temperature: float | None = None) -> Comparison:
-    """``served`` is the downloaded ``[1, n, D]`` tensor; ``reference`` maps sites to ``[P+N, D]`` values."""
+            temperature: float | None = None, layout: Layout | None = None) -> Comparison:
+    """``served`` is the downloaded ``[1, n, D]`` tensor; ``reference`` maps sites to ``[P+N, D]`` values.
+
+    ``layout`` (the reference model's roles) names the candidates and tells the head's output, whose
+    probability and temperature transforms are candidates too.
+    """
+    head = layout is not None and site.module_path == layout.head and site.io == "output"
     served = np.asarray(served, dtype=np.float32)
     full = reference[site]
     total = full.shape[0]
@@ -188,9 +203,9 @@ def compare(*, name: str, selector: str, tokens: str, capture_dtype: str, served
             candidates.append(Candidate(f"the same module one position {word} (step i at {at})", full[moved]))
     for other in reference:
         if other != site:
-            candidates.append(Candidate(_site_label(other), reference[other][where]))
-    if site.module_path == "lm_head" and site.io == "output":
-        candidates.extend(lm_head_transforms(right, temperature))
+            candidates.append(Candidate(_site_label(other, layout), reference[other][where]))
+    if head:
+        candidates.extend(head_transforms(right, temperature))
     candidates = [c for c in candidates if c.values.shape == served.shape]  # another width is no candidate
     for c in candidates:
         c.error = rel_error(served, c.values)
@@ -199,14 +214,14 @@ def compare(*, name: str, selector: str, tokens: str, capture_dtype: str, served
     comparison = Comparison(name, selector, tokens, capture_dtype, steps, err, tolerance.rel, nearest.label,
                             nearest.error, ok, candidates={c.label: c.error for c in candidates})
     if not ok:
-        comparison.diagnosis = diagnose(served, right, full, where, err, tolerance, nearest, site, prompt_len)
+        comparison.diagnosis = diagnose(served, right, full, where, err, tolerance, nearest, prompt_len, head=head)
     return comparison
 
 
 def diagnose(served: np.ndarray, right: np.ndarray, full: np.ndarray, where: list[int], err: float,
-             tolerance: Tolerance, nearest: Candidate, site: Site, prompt_len: int) -> str:
-    """What the served value looks like instead, when it can be told."""
-    if site.module_path == "lm_head" and site.io == "output" and served.size:
+             tolerance: Tolerance, nearest: Candidate, prompt_len: int, *, head: bool = False) -> str:
+    """What the served value looks like instead, when it can be told (``head``: the value is the head's output)."""
+    if head and served.size:
         sums = served.astype(np.float64).sum(axis=-1)
         if (served >= 0).all() and np.allclose(sums, 1.0, atol=1e-2):
             return "rows sum to 1 and are non-negative: probabilities (softmax), not logits"

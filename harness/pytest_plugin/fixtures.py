@@ -18,6 +18,7 @@ from capture_conformance.harness.protocol.dialects import V1, loaded_models
 from capture_conformance.harness.protocol.dialects import detect as detect_dialect
 from capture_conformance.harness.protocol.features import Features
 from capture_conformance.harness.protocol.ground_truth import GroundTruth, resolve_ground_truth
+from capture_conformance.harness.protocol.layout import Layout, discover_layout
 from capture_conformance.harness.pytest_plugin.options import Options
 from capture_conformance.harness.pytest_plugin.plugin import acquire_target
 from capture_conformance.harness.pytest_plugin.state import STATE, Target, options_of
@@ -100,13 +101,37 @@ def ground_truth(capture_model: str, capture_client: CaptureClient, capture_opti
         pytest.fail(str(exc), pytrace=False)
     _record_fact(pytestconfig, "ground_truth", {
         "vocab_size": truth.vocab_size, "hidden_size": truth.hidden_size, "num_layers": truth.num_layers,
-        "source": truth.source, "independent": truth.independent,
+        "intermediate_size": truth.intermediate_size, "source": truth.source, "independent": truth.independent,
+        "sources": dict(truth.sources), "from_server": truth.from_server,
         "tokenizer": "from the local model directory" if truth.model_dir else truth.tokenizer_note,
     })
     if not (truth.vocab_size and truth.hidden_size):
         pytest.fail(f"no ground truth for {capture_model}: no local config.json, no --expect-vocab/--expect-hidden, "
                     f"and the server's /v1/models gives no capture block", pytrace=False)
     return truth
+
+
+@pytest.fixture(scope="session")
+def model_layout(ground_truth: GroundTruth, capture_client: CaptureClient, capture_model: str,
+                 pytestconfig: pytest.Config) -> Layout:
+    """The model's savepoints by role (block stack, head, final norm...): every suite asks this, none names a module.
+
+    From the local model's module tree where there is one, else the server's own
+    ``capture.savepoints`` list (reported as not independent).
+    """
+    def server_list() -> list | None:
+        block = capture_client.capture_block(capture_model) or {}
+        listed = block.get("savepoints")
+        return listed if isinstance(listed, list) else None
+
+    try:
+        layout = discover_layout(ground_truth.model_dir, server_list)
+    except LookupError as exc:
+        _record_fact(pytestconfig, "layout", {"error": str(exc)})
+        pytest.fail(f"cannot tell which savepoints {capture_model} has: {exc}; give the harness a local copy of the "
+                    f"model (--model PATH) or have the server list capture.savepoints in /v1/models", pytrace=False)
+    _record_fact(pytestconfig, "layout", layout.describe())
+    return layout
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,9 @@ def render_html(report: dict[str, Any]) -> str:
         ("duration", f"{report['duration_s']} s" if report.get("duration_s") is not None else None),
         ("ground truth", truth.get("source", "not established")),
         ("sizes", ", ".join(f"{k} {truth[k]}" for k in ("vocab_size", "hidden_size", "num_layers") if k in truth)),
+        ("number sources", ", ".join(f"{k}: {v}" for k, v in (truth.get("sources") or {}).items())),
+        ("savepoints", ", ".join(f"{k} {v}" for k, v in ((report.get("layout") or {}).get("selectors") or {}).items()
+                                 if v) or (report.get("layout") or {}).get("error")),
         ("tokenizer", truth.get("tokenizer")),
         ("server command", target.get("command")),
         ("protocol", report.get("protocol")),

@@ -232,6 +232,7 @@ class ConformanceReport:
             "model": facts.get("model", options.model),
             "dialect": facts.get("dialect", options.dialect),
             "ground_truth": facts.get("ground_truth"),
+            "layout": facts.get("layout"),
             "values": _values_section(summary, facts),
             "runs_left_on_target": merge_cleanups([v for k, v in sorted(facts.items()) if k.startswith("cleanup:")]),
             "pytest_exit_status": self.exit_status,
@@ -257,7 +258,9 @@ class ConformanceReport:
             "",
             f"capture-conformance: {report['target']['url'] or '(no target)'}  model {report['model']}  "
             f"profile {report['profile']}  dialect {report['dialect']}",
-            f"ground truth: {truth.get('source', 'not established')}",
+            f"ground truth: {truth.get('source', 'not established')}"
+            + (f"  (from the server, not independent: {', '.join(truth['from_server'])})" if truth.get("from_server") else ""),
+            _layout_line(report.get("layout")),
             f"{'area':<14}{'passed':>7}{'failed':>7}{'skipped':>8}  first failure",
         ]
         for name, area in summary.areas.items():
@@ -301,6 +304,16 @@ class ConformanceReport:
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
         lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")
         return lines
+
+
+def _layout_line(layout: dict | None) -> str:
+    if not layout:
+        return "savepoints: not discovered"
+    if "error" in layout:
+        return f"savepoints: not discovered ({layout['error'][:150]})"
+    roles = layout.get("selectors") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in roles.items() if v)
+    return f"savepoints ({'independent' if layout.get('independent') else 'not independent'}): {shown}"
 
 
 def _values_section(summary: Summary, facts: dict) -> dict:

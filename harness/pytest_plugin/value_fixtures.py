@@ -14,7 +14,7 @@ import pytest
 from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
 from capture_conformance.harness.pytest_plugin.fixtures import _record_fact
 from capture_conformance.harness.protocol.ground_truth import GroundTruth
-from capture_conformance.harness.protocol.reference import ReferenceStatus, Site, get_reference, parse_site
+from capture_conformance.harness.protocol.reference import ReferenceStatus, Site, get_reference
 from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.runs import CaptureRuns
 from capture_conformance.harness.protocol.values import Comparison, compare, tolerance_for
@@ -87,7 +87,7 @@ class ValueChecks:
         for name in wanted:
             selector = meta[name].raw.get("selector") or _asked_selector(completion, name)
             try:
-                site = parse_site(selector)
+                site = reference.site(selector)
             except ValueError as exc:
                 raise AssertionError(f"`{name}`: {exc}") from None
             if not reference.has_module(site.module_path):
@@ -98,7 +98,7 @@ class ValueChecks:
         asked: list[Site] = []
         for site in sites.values():
             asked.append(site)
-            asked.extend(candidate_sites(site, reference.num_layers, reference.has_module))
+            asked.extend(candidate_sites(site, reference.layout, reference.has_module))
         values = reference.values(prompt, ids, list(dict.fromkeys(asked)))
         temperature = completion.request.get("temperature")
         results, failures = [], []
@@ -107,13 +107,14 @@ class ValueChecks:
             tensor = self.runs.tensor(completion, name)
             capture_dtype = tensor.dtype.removeprefix("torch.")
             tolerance = tolerance_for(self.model_dtype, capture_dtype, self.override)
-            own = {site: values[site], **{s: values[s] for s in candidate_sites(site, reference.num_layers,
+            own = {site: values[site], **{s: values[s] for s in candidate_sites(site, reference.layout,
                                                                                     reference.has_module)}}
             result = compare(name=name, selector=m.raw.get("selector", str(site.label)),
                              tokens=str(m.raw.get("tokens", "all")), capture_dtype=capture_dtype,
                              served=tensor.values, site=site, reference=own, prompt_len=len(prompt),
                              generated=len(ids), tolerance=tolerance,
-                             temperature=float(temperature) if isinstance(temperature, (int, float)) else None)
+                             temperature=float(temperature) if isinstance(temperature, (int, float)) else None,
+                             layout=reference.layout)
             results.append(result)
             self._record(result, tolerance)
             if not result.ok:
@@ -135,7 +136,7 @@ _CURRENT = pytest.StashKey[str]()
 
 def _asked_selector(completion: Completion, name: str) -> str:
     capture = completion.request.get("capture")
-    for spec in (capture or {}).get("savepoints") or [{"name": "_logits", "selector": "lm_head"}]:
+    for spec in (capture or {}).get("savepoints") or [{"name": "_logits", "selector": "logits"}]:
         if isinstance(spec, dict) and spec.get("name") == name:
             return spec["selector"]
         if spec == name:
