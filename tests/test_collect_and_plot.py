@@ -76,6 +76,26 @@ def test_collect_writes_manifest_and_files_and_resumes(server, tmp_path):
     assert f"accuracy: {correct}/5 = {100 * correct / 5:.1f}%" in resumed.stdout
 
 
+def test_collect_layers_are_found_in_the_model_and_out_of_range_is_refused(server, tmp_path):
+    argv = [sys.executable, "-m", "capture_conformance.harness.tools.collect", "--input", SAMPLE, "--url", server.url,
+            "--max-tokens", "8", "--limit", "1"]
+    out = tmp_path / "layers"
+    result = subprocess.run([*argv, "--out", str(out), "--layers", "0", "-1"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((out / "settings.json").read_text())
+    # Qwen3 keeps its decoder blocks in model.layers (transformers' Qwen3Model); tiny-qwen3 has two.
+    assert settings["layers"] == [0, -1]
+    assert settings["selectors"] == ["_logits=logits", "layer_0=model.layers[0]", "layer_1=model.layers[1]"]
+    record = json.loads((out / "manifest.jsonl").read_text())
+    n = record["usage"]["completion_tokens"]
+    assert {k: v["shape"] for k, v in record["activations"].items()} == {
+        "_logits": [1, n, 151936], "layer_0": [1, n, 256], "layer_1": [1, n, 256]}
+    wrong = subprocess.run([*argv, "--out", str(tmp_path / "wrong"), "--layers", "7"], capture_output=True,
+                           text=True, timeout=600)
+    assert wrong.returncode == 2 and "layer 7 is out of range: the model has 2 blocks" in wrong.stderr
+
+
 def test_collect_can_record_server_paths_only(server, tmp_path):
     out = tmp_path / "paths"
     result = collect(server, out, "--limit", "1", "--no-download")

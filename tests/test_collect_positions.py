@@ -150,7 +150,7 @@ def test_plot_draws_prompt_positions_and_refuses_top1_without_lm_head(prompt_run
     problem = prompt_run / "files" / "sample-000"
     result = plot(str(problem), "--out", str(tmp_path / "one.png"))
     assert result.returncode == 0, result.stderr
-    assert "no lm_head savepoint, so no top-1 probability or entropy" in result.stderr
+    assert "no logits savepoint, so no top-1 probability or entropy" in result.stderr
     assert _png_height(tmp_path / "one.png") == 320  # one panel (norms), not three
 
 

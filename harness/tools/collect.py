@@ -7,12 +7,14 @@ into the output directory, or only their server paths with ``--no-download``)
 go into ``manifest.jsonl``, one line per problem, appended and flushed as each
 one finishes. ``settings.json`` beside it records what the run asks for (model,
 savepoints, tokens, positions, dtype, format, template, temperature,
-max_tokens); ``--resume`` skips the ids already done, and refuses to continue a
+max_tokens); ``--layers`` names decoder blocks by index, and their selectors are
+discovered in the model (its local config, else the server's ``capture.savepoints``),
+whatever the family calls its block stack; ``--resume`` skips the ids already done, and refuses to continue a
 run made with other settings. Without ``--host``/``--url`` the bundled reference
 server is started for the run. ``capture_conformance.harness.tools.dataset.load_run(OUT)`` reads the result.
 
     capture-collect --input fixtures/gsm8k_sample.jsonl --out runs/gsm \\
-        --savepoints lm_head model.layers[0] [--positions prompt] [--host H --port P] [--resume]
+        --layers 0 -1 [--savepoints logits] [--positions prompt] [--host H --port P] [--resume]
 """
 
 from __future__ import annotations
@@ -112,6 +114,28 @@ def parse_savepoints(values: list[str]) -> list:
     return out
 
 
+def layer_savepoints(args, client: CaptureClient) -> list[str]:
+    """``--layers`` as ``layer_I=<block I>`` over the discovered block stack, after ``--savepoints`` (else _logits)."""
+    from capture_conformance.harness.protocol.ground_truth import locate_model_dir
+    from capture_conformance.harness.protocol.layout import discover_layout
+
+    local = locate_model_dir(args.model)
+
+    def server_list() -> list | None:
+        listed = (client.capture_block(args.model) or {}).get("savepoints")
+        return listed if isinstance(listed, list) else None
+
+    layout = discover_layout(str(local) if local else None, server_list)
+    out = list(args.savepoints) if args.savepoints else ["_logits=logits"]
+    for index in args.layers:
+        if not -layout.num_blocks <= index < layout.num_blocks:
+            raise LookupError(f"layer {index} is out of range: the model has {layout.num_blocks} blocks "
+                              f"({layout.blocks}, from {layout.source})")
+        name = f"layer_{index % layout.num_blocks}"
+        out.append(f"{name}={layout.block(index)}")
+    return out
+
+
 def collect_one(client: CaptureClient, problem: dict, args, files_dir: Path) -> dict:
     prompt = args.prompt_template.format(question=problem["question"])
     capture = {"tokens": args.tokens, "dtype": args.dtype, "format": args.format}
@@ -174,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="tiny-qwen3", help="model id on the server (default: %(default)s)")
     parser.add_argument("--savepoints", nargs="*", default=None,
                         help="selectors or name=selector pairs (default: the server's default, _logits)")
+    parser.add_argument("--layers", nargs="*", type=int, default=None, metavar="I",
+                        help="decoder blocks whose outputs to capture, as indices into the block stack discovered "
+                             "in the model (negative from the end), named layer_I; with _logits unless "
+                             "--savepoints says otherwise")
     parser.add_argument("--tokens", choices=["all", "first", "last"], default="all",
                         help="all, or the first or last of the positions asked for (default: %(default)s)")
     parser.add_argument("--positions", choices=["generated", "prompt", "sequence"], default="generated",
@@ -196,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_settings(args) -> dict:
     """What decides the content of every row: a resumed run must ask for the same."""
-    return {"model": args.model, "savepoints": args.savepoints, "tokens": args.tokens, "positions": args.positions,
+    return {"model": args.model, "savepoints": args.savepoints, "layers": args.layers, "tokens": args.tokens, "positions": args.positions,
             "dtype": args.dtype, "format": args.format, "prompt_template": args.prompt_template,
             "temperature": args.temperature, "max_tokens": args.max_tokens}
 
@@ -270,9 +298,17 @@ def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: P
         if problem:  # unreachable or not a capture server: one line, not one failure per problem
             print(problem.replace("capture-conformance:", "capture-collect:", 1), file=sys.stderr)
             return 2
-    if not settings_path.exists():
-        _write_atomically(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
     clients = [CaptureClient(url, api_key=args.api_key, timeout_s=args.timeout) for url in urls]
+    if args.layers:
+        try:
+            args.savepoints = layer_savepoints(args, clients[0])
+        except LookupError as exc:
+            print(f"capture-collect: --layers: cannot tell the model's block stack: {exc}", file=sys.stderr)
+            return 2
+    if not settings_path.exists():
+        # The selectors as sent (``--layers`` resolved) go with the settings, for whoever reads the run.
+        _write_atomically(settings_path, (json.dumps({**settings, "selectors": args.savepoints}, indent=2)
+                                          + "\n").encode())
     renderer = _PromptText(args.model)
     todo = [p for p in problems if p["id"] not in done]
     print(f"capture-collect: {len(problems)} problems, {len(problems) - len(todo)} done already, {len(todo)} to go"

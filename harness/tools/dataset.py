@@ -2,7 +2,7 @@
 
     from capture_conformance.harness.tools.dataset import load_run
     run = load_run("runs/gsm")
-    X, mask = run.padded("model.layers[0]")    # [R, T_max, D] float32, [R, T_max] bool
+    X, mask = run.padded("layer_0")            # [R, T_max, D] float32, [R, T_max] bool
     y = run.correct                            # [R] bool, aligned with the manifest rows
 
 Files are read with the harness's safe loaders (no pickle code runs), bfloat16

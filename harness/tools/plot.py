@@ -147,7 +147,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     info = run_info(run_dir)
     logits_name = pick_logits(arrays, _vocab_size(info.model))
     if logits_name is None:
-        print(f"capture-plot: {run_dir.name}: no lm_head savepoint, so no top-1 probability or entropy "
+        print(f"capture-plot: {run_dir.name}: no logits savepoint, so no top-1 probability or entropy "
               "(they need logits); drawing the norms only", file=sys.stderr)
     others = {n: a for n, a in arrays.items() if n != logits_name}
     rows = (2 if logits_name else 0) + (1 if others else 0)

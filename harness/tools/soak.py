@@ -19,6 +19,7 @@ import argparse
 import json
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,8 @@ from pathlib import Path
 from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 from capture_conformance.harness.protocol.checks import expect_tensor_matches_meta, expect_token_counts
 from capture_conformance.harness.protocol.client import DEFAULT_PORT, CaptureClient, chat_body
+from capture_conformance.harness.protocol.ground_truth import locate_model_dir
+from capture_conformance.harness.protocol.layout import Layout, discover_layout
 from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.runs import CaptureRuns
 
@@ -41,12 +44,14 @@ PROMPTS = [
 _RUN_DIR = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _valid_capture(rng: random.Random, layers: int) -> dict:
+def _valid_capture(rng: random.Random, layout: Layout) -> dict:
+    """A random valid capture over the model's own (discovered) block stack and head."""
     savepoints = rng.choice([
         None,
-        ["lm_head"],
-        [{"name": "h", "selector": f"model.layers[{rng.randrange(layers)}]"}, {"name": "logits", "selector": "lm_head"}],
-        [f"model.layers.{layers - 1}", "model.layers[0].input"],
+        ["logits"],
+        [{"name": "h", "selector": layout.block(rng.randrange(layout.num_blocks))},
+         {"name": "logits", "selector": "logits"}],
+        [layout.block_dotted(layout.last), layout.block(0, io="input")],
     ])
     capture = {"tokens": rng.choice(["all", "first", "last"]), "dtype": rng.choice(["float32", "bfloat16", "float16"]),
                "format": rng.choice(["pt", "safetensors"])}
@@ -56,7 +61,7 @@ def _valid_capture(rng: random.Random, layers: int) -> dict:
 
 
 INVALID = [
-    ("unknown selector", {"capture": {"savepoints": ["model.nope"]}}),
+    ("unknown selector", {"capture": {"savepoints": ["no_such_module"]}}),
     ("code selector", {"capture": {"savepoints": ["__import__('os')"]}}),
     ("bad dtype", {"capture": {"dtype": "float8"}}),
     ("n=2", {"n": 2}),
@@ -114,10 +119,23 @@ def _rss_mb(pid: int | None) -> float | None:
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
-def run_soak(url: str, total: int = 300, threads: int = 8, model: str = TINY_MODEL_ID, layers: int = 2,
+def discover_soak_layout(url: str, model: str, api_key: str | None = None) -> Layout:
+    """The model's savepoints: from its local copy, else from the server's ``capture.savepoints``."""
+    local = locate_model_dir(model)
+    probe = CaptureClient(url, api_key=api_key, timeout_s=30)
+
+    def server_list() -> list | None:
+        listed = (probe.capture_block(model) or {}).get("savepoints")
+        return listed if isinstance(listed, list) else None
+
+    return discover_layout(str(local) if local else None, server_list)
+
+
+def run_soak(url: str, total: int = 300, threads: int = 8, model: str = TINY_MODEL_ID, layout: Layout | None = None,
              storage_dir: Path | None = None, pid: int | None = None, seed: int = 0, timeout: float = 120,
              api_key: str | None = None) -> SoakResult:
     result = SoakResult()
+    layout = layout or discover_soak_layout(url, model, api_key)
     lock = threading.Lock()
     local = threading.local()
 
@@ -139,7 +157,7 @@ def run_soak(url: str, total: int = 300, threads: int = 8, model: str = TINY_MOD
         else:
             label = "valid"
             if rng.random() < 0.85:
-                body["capture"] = _valid_capture(rng, layers)
+                body["capture"] = _valid_capture(rng, layout)
             if rng.random() < 0.2:
                 body.update(temperature=0.8, top_p=0.9, seed=index)
         if label == "malformed json":
@@ -223,12 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--model", default=TINY_MODEL_ID, help="model id on the server (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the model (for layer selectors)")
     parser.add_argument("--storage-dir", type=Path, help="the server's storage directory, to count runs on disk")
     parser.add_argument("--pid", type=int, help="the server's pid, to read its resident memory")
     parser.add_argument("--api-key")
     args = parser.parse_args(argv)
-    result = run_soak(args.url, args.requests, args.threads, args.model, args.layers, args.storage_dir, args.pid,
+    try:
+        layout = discover_soak_layout(args.url, args.model, args.api_key)
+    except LookupError as exc:
+        print(f"soak: cannot tell the model's savepoints: {exc}", file=sys.stderr)
+        return 2
+    result = run_soak(args.url, args.requests, args.threads, args.model, layout, args.storage_dir, args.pid,
                       api_key=args.api_key)
     summary = result.summary()
     print(json.dumps(summary, indent=1))
