@@ -120,3 +120,13 @@ def test_discovery_prefers_the_module_tree_and_falls_back_to_the_server_naming_w
     assert any("no local copy" in note for note in fallback.notes)
     with pytest.raises(LookupError, match="lists no capture.savepoints"):
         discover_layout(None, lambda: [])
+
+
+def test_snapshots_record_roles_not_module_names():
+    layout = layout_from_module(_meta_model(FAMILIES["neox"][0]()))
+    assert layout.role("gpt_neox.layers[2]") == "{blocks}[2]"
+    assert layout.role("gpt_neox.layers.0.mlp.input") == "{blocks}.0.mlp.input"
+    assert layout.role("lm_head.input") == "{head}.input" and layout.role("logits") == "logits"
+    # A path outside the model's roles is kept as it is, so a server echoing another module shows as a change.
+    assert layout.role("gpt_neox.layers_extra.0") == "gpt_neox.layers_extra.0"
+    assert layout.role("model.layers[0]") == "model.layers[0]"

@@ -104,6 +104,18 @@ class Layout:
             return self.head + module_path[len(HEAD_ALIAS):]
         return module_path
 
+    def role(self, selector: str) -> str:
+        """The selector with the model's names replaced by roles: ``transformer.h[0]`` -> ``{blocks}[0]``.
+
+        What shape snapshots record, so that a snapshot names no module of its own.
+        """
+        for stem in (self.blocks + "[", self.blocks + "."):
+            if selector.startswith(stem):
+                return "{blocks}" + selector[len(self.blocks):]
+        if self.head != HEAD_ALIAS and (selector == self.head or selector.startswith(self.head + ".")):
+            return "{head}" + selector[len(self.head):]
+        return selector
+
     def is_head(self, module_path: str) -> bool:
         return self.canonical(module_path) == self.head or module_path == HEAD_ALIAS
 

@@ -152,12 +152,12 @@ def capture_runs(capture_client: CaptureClient, capture_model: str, capture_dial
 
 @pytest.fixture
 def shape_snapshot(request: pytest.FixtureRequest, capture_model: str, ground_truth: GroundTruth,
-                   capture_options: Options, pytestconfig: pytest.Config) -> ShapeSnapshot:
+                   model_layout: Layout, capture_options: Options, pytestconfig: pytest.Config) -> ShapeSnapshot:
     root = Path(capture_options.snapshot_dir) if capture_options.snapshot_dir else None
     # --snapshot-update is syrupy's option (syrupy is a dependency; its name is the one people know).
     return ShapeSnapshot(node=request.node, model_id=capture_model, dims=ground_truth.dims(), root=root,
                          updating=bool(pytestconfig.getoption("update_snapshots", False)),
-                         ci=capture_options.ci or ci_from_env())
+                         ci=capture_options.ci or ci_from_env(), selector_role=model_layout.role)
 
 
 def _record_fact(config: pytest.Config, key: str, value: object) -> None:

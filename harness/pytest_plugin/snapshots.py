@@ -3,7 +3,10 @@
 A snapshot holds tensor METADATA only: per savepoint its name, selector,
 ``tokens``, format, dtype and shape, the shape both concrete (``[1, 5, 151936]``)
 and symbolic (``[1, "N", "V"]``, each size named after what it equals: ``N``
-generated tokens, ``V`` vocabulary, ``H`` hidden, ``I`` intermediate). Never
+generated tokens, ``V`` vocabulary, ``H`` hidden, ``I`` intermediate). The
+selector is written by role where the model's layout tells it (``{blocks}[0]``,
+``{head}``): a snapshot names no module, and a server that echoes a path outside
+the model's block stack still shows as a change. Never
 values, token ids, run ids, timestamps or paths, so a set recorded on one host
 matches every correct server running the same model.
 
@@ -31,7 +34,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, TYPE_CHECKING
 
 import pytest
 
@@ -75,7 +78,8 @@ def symbolic_shape(shape: list[int], *, steps: int | None, tokens: str, dims: di
     return named
 
 
-def capture_record(completion: "Completion", *, dims: dict[str, int], steps: int | None = None) -> dict[str, Any]:
+def capture_record(completion: "Completion", *, dims: dict[str, int], steps: int | None = None,
+                   selector_role: Callable[[str], str] | None = None) -> dict[str, Any]:
     """The snapshot of one capture: metadata of every savepoint, nothing run-specific."""
     if steps is None:  # N from the ids where the response has them: usage is checked elsewhere, not here
         ids = completion.body.get("completion_token_ids")
@@ -83,8 +87,9 @@ def capture_record(completion: "Completion", *, dims: dict[str, int], steps: int
     record: dict[str, Any] = {}
     for name, meta in sorted(completion.meta.items()):
         tokens = meta.raw.get("tokens", "all")
+        selector = meta.raw.get("selector")
         record[name] = {
-            "selector": meta.raw.get("selector"),
+            "selector": selector_role(selector) if selector_role and isinstance(selector, str) else selector,
             "tokens": tokens,
             "format": meta.raw.get("format"),
             "dtype": meta.raw.get("dtype"),
@@ -103,8 +108,9 @@ class ShapeSnapshot:
     """``shape_snapshot.check(completion)``: compare a capture's metadata with the model's set, or record it."""
 
     def __init__(self, *, node: pytest.Item, model_id: str, dims: dict[str, int], root: Path | None,
-                 updating: bool, ci: bool):
+                 updating: bool, ci: bool, selector_role: Callable[[str], str] | None = None):
         self.node = node
+        self.selector_role = selector_role
         self.model_id = model_id
         self.dims = dims
         self.explicit = root is not None
@@ -128,7 +134,7 @@ class ShapeSnapshot:
                                                           "model": self.model_id}))
 
     def check(self, completion: "Completion", *, steps: int | None = None) -> None:
-        record = capture_record(completion, dims=self.dims, steps=steps)
+        record = capture_record(completion, dims=self.dims, steps=steps, selector_role=self.selector_role)
         text = render(record)
         existing = self.read_path()
         if self.updating:
