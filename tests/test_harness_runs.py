@@ -139,12 +139,21 @@ def test_host_without_paths_runs_the_installed_suites_from_any_directory(tmp_pat
 
 
 def test_profiles_are_nested(tmp_path):
-    counts = {}
+    counts, listed = {}, {}
     for profile in ("smoke", "core", "full"):
         result = run_pytest(str(SUITES_DIR), "--profile", profile, "--collect-only", "-q", cwd=tmp_path, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         counts[profile] = _collected(result.stdout)
+        listed[profile] = [line.strip() for line in result.stdout.splitlines() if "::" in line]
     assert counts["smoke"] < counts["core"] < counts["full"], {k: len(v) for k, v in counts.items()}
+    # Health first, then the areas in their listed order (a server that is not up fails there first).
+    from capture_conformance.harness.pytest_plugin.areas import AREAS
+
+    modules = list(dict.fromkeys(node.split("::")[0].rsplit("/", 1)[-1] for node in listed["core"]))
+    area_of = {p.name: re.search(r'pytest\.mark\.area\("(\w+)"\)', p.read_text()).group(1)
+               for p in SUITES_DIR.glob("test_*.py")}
+    ranks = [[a.name for a in AREAS].index(area_of[m]) for m in modules]
+    assert modules[0] == "test_health.py" and ranks == sorted(ranks), modules
 
 
 def test_the_plugin_is_inert_in_unrelated_runs(tmp_path):

@@ -161,7 +161,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (drop if excluded else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    # Areas run in the order of AREAS (health first: a server that is not up fails there, once, and
+    # `-x` stops before a hundred failures that all mean "not up"); the sort is stable, so tests keep
+    # their order within an area and module-scoped fixtures are set up once.
+    order = {area.name: index for index, area in enumerate(AREAS)}
+    suite_rank = {id(item): order.get(_declared_area(item), len(order)) for item in keep if is_suite_item(item)}
+    items[:] = sorted(keep, key=lambda item: suite_rank.get(id(item), -1))
 
 
 # The protocol library signals "the target lacks this" with FeatureMissing (it imports no pytest):
