@@ -1,11 +1,29 @@
 """A capture server written on another stack, for testing the harness against a server it has never seen.
 
-No nnsight, no FastAPI, nothing of ``reference_server``: the standard library's
-``http.server``, plain ``transformers`` with PyTorch forward hooks, and its own
-random-weight Qwen3 model with other sizes than ``tiny-qwen3`` (built locally
-into ``--model-dir`` on first start; only the tokenizer files are borrowed).
-It implements protocol v1 as written in ``docs/protocol.md``, so the harness
-must pass it, on its first run, with no snapshot set for its model.
+No nnsight, no FastAPI, nothing of ``reference_server`` or of the project's
+fixtures: the standard library's ``http.server``, plain ``transformers`` with
+PyTorch forward hooks, and its own random-weight model, built into
+``--model-dir`` on first start (a second or two) when the directory holds no
+``config.json``. ``--arch`` picks the family it builds, each with other sizes
+than ``tiny-qwen3`` and than each other, its own byte-level BPE tokenizer
+(trained at build time), its family's special tokens and a chat template in
+its family's style:
+
+    qwen3  Qwen3ForCausalLM       model.layers.N     ChatML (<|im_start|>, <|im_end|>)
+    gpt2   GPT2LMHeadModel        transformer.h.N    <|endoftext|> only, content + eos per message
+    neox   GPTNeoXForCausalLM     gpt_neox.layers.N  OpenAssistant (<|prompter|>, <|assistant|>)
+    opt    OPTForCausalLM         model.decoder.layers.N  </s> as bos, "User: ..." lines
+    llama  LlamaForCausalLM       model.layers.N     Llama 3 headers (<|start_header_id|>, <|eot_id|>)
+    phi3   Phi3ForCausalLM        model.layers.N     <|user|> ... <|end|> (fused qkv_proj, gate_up_proj)
+
+The server itself assumes no architecture: selectors resolve against the
+model's ``named_modules()`` (``a.b[3]`` and ``a.b.3`` alike, ``.output`` or
+``.input``), the protocol's alias ``logits`` is ``get_output_embeddings()``'s
+path, ``/v1/models`` lists the modules that give a per-token tensor (found by a
+forward pass at start-up, in execution order), and the sizes come from the
+config through transformers' attribute names. It implements protocol v1 as
+written in ``docs/protocol.md``, so the harness must pass it, on its first run,
+with no snapshot set for its model.
 
 ``--defect NAME`` (repeatable) makes it misbehave the way deployed servers do,
 so the harness's tests can check that the report names each defect:
@@ -23,12 +41,13 @@ no ``protocol`` in ``/health``, no ``capture`` block in ``/v1/models``, and chat
 responses without ``completion_token_ids``, ``activation_run_id`` or ``url``
 (files only at ``file_path``), as the deployed servers this protocol extends.
 
-    python tests/other_stack_server.py --port 8011 --model-dir ./other-qwen3 [--storage-dir DIR] [--defect ...]
+    python tests/other_stack_server.py --port 8011 --model-dir /tmp/other-gpt2 --arch gpt2 [--defect ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -37,17 +56,21 @@ import shutil
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Callable
 
 DEFECTS = ("four_d_logits", "list_of_steps", "truncated_file", "zero_usage", "retokenised_usage", "no_load_route",
            "bad_input_500")
 NAME_RE = re.compile(r"[A-Za-z0-9_.\[\]-]{1,128}")
 SEGMENT_RE = re.compile(r"(?:([A-Za-z][A-Za-z0-9_]*)|(\d+))(?:\[(\d+)\])?")
 DTYPES = ("float32", "bfloat16", "float16")
-# Not tiny-qwen3's sizes (151936 / 256 / 2 layers): nothing in the harness may assume those.
-HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 96, 3, 160, 4, 2, 24
+HEAD_ALIAS = "logits"  # the protocol's name for the output head, whatever the module is called
 SEED = 20261201
+WIDE_INIT = 0.6  # a wide init, so that greedy output depends on the prompt instead of one token forever
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_corpus.jsonl"
+TOPIC_LINES = 600  # lines of the standard library's pydoc topics added to the corpus: enough text for 2048 tokens
 
 
 class BadRequest(Exception):
@@ -56,27 +79,204 @@ class BadRequest(Exception):
         self.status, self.detail = status, detail
 
 
-def build_model(model_dir: Path) -> None:
-    """A random-weight Qwen3 with the tiny model's tokenizer, written once into ``model_dir``."""
+# -- the models it builds ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arch:
+    """One family: its special tokens (ids 0.. in this order), chat template and a small config."""
+
+    vocab: int
+    special: tuple[str, ...]
+    roles: dict[str, str]  # tokenizer role -> special token: bos_token, eos_token, pad_token, unk_token
+    eos: tuple[str, ...]  # generation_config's end-of-sequence tokens (config.json names the first)
+    template: str
+    config: Callable[[dict[str, int], "Arch"], Any]  # token ids -> a transformers config
+
+
+def _qwen3(ids, arch):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=arch.vocab, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=1024,
+                       tie_word_embeddings=False, initializer_range=WIDE_INIT, eos_token_id=ids["<|im_end|>"],
+                       bos_token_id=None, pad_token_id=ids["<|endoftext|>"])
+
+
+def _gpt2(ids, arch):
+    from transformers import GPT2Config
+
+    eos = ids["<|endoftext|>"]
+    return GPT2Config(vocab_size=arch.vocab, n_positions=1024, n_embd=80, n_layer=3, n_head=4, n_inner=208,
+                      initializer_range=WIDE_INIT, bos_token_id=eos, eos_token_id=eos)
+
+
+def _neox(ids, arch):
+    from transformers import GPTNeoXConfig
+
+    eos = ids["<|endoftext|>"]
+    return GPTNeoXConfig(vocab_size=arch.vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=176, max_position_embeddings=1024, tie_word_embeddings=False,
+                         initializer_range=WIDE_INIT, bos_token_id=eos, eos_token_id=eos,
+                         pad_token_id=ids["<|padding|>"])
+
+
+def _opt(ids, arch):
+    from transformers import OPTConfig
+
+    return OPTConfig(vocab_size=arch.vocab, hidden_size=112, num_hidden_layers=2, ffn_dim=144, num_attention_heads=4,
+                     word_embed_proj_dim=112, max_position_embeddings=1024, init_std=WIDE_INIT,
+                     bos_token_id=ids["</s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+
+
+def _llama(ids, arch):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=arch.vocab, hidden_size=88, intermediate_size=232, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=False, initializer_range=WIDE_INIT,
+                       bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"])
+
+
+def _phi3(ids, arch):
+    from transformers import Phi3Config
+
+    return Phi3Config(vocab_size=arch.vocab, hidden_size=120, intermediate_size=200, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      original_max_position_embeddings=1024, tie_word_embeddings=False,
+                      initializer_range=WIDE_INIT, bos_token_id=None, eos_token_id=ids["<|endoftext|>"],
+                      pad_token_id=ids["<|endoftext|>"])
+
+
+ARCHS: dict[str, Arch] = {
+    "qwen3": Arch(
+        1536, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ("<|im_end|>", "<|endoftext|>"),
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}", _qwen3),
+    # GPT-2 has one special token; transformers' old default template for it: each message's content, then eos.
+    "gpt2": Arch(
+        2048, ("<|endoftext|>",),
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+        ("<|endoftext|>",),
+        "{% for message in messages %}{{ message['content'] }}{{ eos_token }}{% endfor %}", _gpt2),
+    # Pythia's tokens, and OpenAssistant's chat format for its GPT-NeoX models.
+    "neox": Arch(
+        1792, ("<|endoftext|>", "<|padding|>", "<|system|>", "<|prompter|>", "<|assistant|>"),
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+         "pad_token": "<|padding|>"}, ("<|endoftext|>",),
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}<|prompter|>{% elif message['role'] == 'system' %}<|system|>"
+        "{% else %}<|assistant|>{% endif %}{{ message['content'] }}<|endoftext|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}", _neox),
+    # OPT's four tokens; its tokenizer starts every text with </s>.
+    "opt": Arch(
+        1664, ("<s>", "<pad>", "</s>", "<unk>"),
+        {"bos_token": "</s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, ("</s>",),
+        "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}", _opt),
+    "llama": Arch(
+        1920, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, ("<|end_of_text|>", "<|eot_id|>"),
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim }}"
+        "{{ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+        _llama),
+    "phi3": Arch(
+        1600, ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        {"eos_token": "<|end|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+        ("<|endoftext|>", "<|end|>"),
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}", _phi3),
+}
+
+
+def _training_text() -> list[str]:
+    """A few hundred lines: the project's small chat corpus, then the standard library's pydoc topics."""
+    lines: list[str] = []
+    if CORPUS.is_file():
+        for row in CORPUS.read_text().splitlines():
+            if row.strip():
+                lines += [str(value) for value in json.loads(row).values()]
+    try:
+        from pydoc_data.topics import topics
+
+        lines += [line for key in sorted(topics) for line in topics[key].splitlines() if line.strip()][:TOPIC_LINES]
+    except ImportError:
+        pass
+    return lines
+
+
+def train_tokenizer(arch: Arch):
+    """A byte-level BPE of exactly ``arch.vocab`` tokens, the family's special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = _training_text()
+    for use_regex in (True, False):  # without the word regex, merges cross spaces: more tokens from less text
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=arch.vocab, special_tokens=list(arch.special),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(text, trainer=trainer)
+        if tok.get_vocab_size() == arch.vocab:
+            break
+    else:
+        raise RuntimeError(f"the training text gives {tok.get_vocab_size()} tokens, not {arch.vocab}")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, **arch.roles)
+    tokenizer.chat_template = arch.template
+    return tokenizer
+
+
+def build_model(model_dir: Path, arch: str = "qwen3") -> None:
+    """A random-weight model of family ``arch`` with its own tokenizer, written once into ``model_dir``."""
     import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from capture_conformance.fixtures.tiny_model import ensure_tiny_model
-
-    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         head_dim=HEAD_DIM, max_position_embeddings=1024, tie_word_embeddings=False,
-                         # a wide init, so that greedy output depends on the prompt instead of one token forever
-                         initializer_range=0.6, eos_token_id=im_end, bos_token_id=None, pad_token_id=im_end)
+    spec = ARCHS[arch]
+    tokenizer = train_tokenizer(spec)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in spec.special}
+    config = spec.config(ids, spec)
     torch.manual_seed(SEED)
-    model = Qwen3ForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids[t] for t in spec.eos], bos_token_id=config.bos_token_id,
+        pad_token_id=config.pad_token_id, do_sample=False)
+    model_dir = Path(model_dir)
     tmp = model_dir.with_name(model_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.replace(model_dir)
+
+
+# -- the engine -------------------------------------------------------------------------------------
+
+def _as_ids(value) -> list[int]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [item for item in items if isinstance(item, int) and not isinstance(item, bool)]
+
+
+def _layout(value, positions: int) -> str | None:
+    """How a value holds one row per position: "batch" ([1, T, ...]), "flat" ([T, ...]: a batch of one whose
+    batch and position axes the model merged, as OPT's fc1/fc2 see them) or None (not per token)."""
+    import torch
+
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    if not isinstance(value, torch.Tensor) or value.ndim < 2:
+        return None
+    if tuple(value.shape[:2]) == (1, positions):
+        return "batch"
+    return "flat" if value.shape[0] == positions else None
+
+
+def _last_position(value, layout: str):
+    """[1, ...] of the pass's last position."""
+    return value[-1:] if layout == "flat" else value[:, -1]
 
 
 class Engine:
@@ -92,35 +292,91 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.config = self.model.config
-        self.eos = {self.config.eos_token_id} if isinstance(self.config.eos_token_id, int) else set(
-            self.config.eos_token_id or [])
+        text = self.config.get_text_config()
+        # transformers' own attribute names: GPT-2's n_embd/n_layer answer as hidden_size/num_hidden_layers
+        self.vocab_size, self.hidden_size, self.num_layers = text.vocab_size, text.hidden_size, text.num_hidden_layers
+        self.context = getattr(text, "max_position_embeddings", None)  # GPT-2's n_positions, by its alias
+        self.eos = set(_as_ids(self.config.eos_token_id)) | set(_as_ids(self.model.generation_config.eos_token_id))
+        self.modules = dict(self.model.named_modules(remove_duplicate=False))
+        head = self.model.get_output_embeddings()
+        self.head_path = next(name for name, module in self.modules.items() if module is head and name)
+        self.first_param = {}
+        for name, module in self.modules.items():
+            params = list(inspect.signature(module.forward).parameters)
+            self.first_param[name] = params[0] if params else None
+        self.capturable = self._probe()
+        # the KV cache's keyword: `cache` since transformers 5.2x, `past_key_values` before
+        forward = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in forward else "past_key_values"
         self.lock = threading.Lock()
+
+    def check_context(self, prompt_tokens: int, max_new: int) -> None:
+        """A request must fit the model's positions (GPT-2's and OPT's position tables end there)."""
+        if self.context and prompt_tokens + max_new > self.context:
+            raise BadRequest(400, f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_new}) exceed the "
+                                  f"model's context of {self.context} tokens")
+
+    def _probe(self) -> dict[str, dict[str, str | None]]:
+        """Which modules give a per-token tensor, output and input (and laid out how), in execution order."""
+        torch = self.torch
+        seen: dict[str, dict[str, str | None]] = {}
+        positions = 7  # not a size of anything in the model, so no other axis passes for the positions
+        handles = []
+        for name, module in self.modules.items():
+            if not name or isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                continue
+
+            def hook(mod, args, kwargs, output, name=name):
+                if name not in seen:
+                    seen[name] = {"output": _layout(output, positions),
+                                  "input": _layout(self._input_of(name, args, kwargs), positions)}
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=torch.arange(positions).unsqueeze(0) % self.vocab_size, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    def _input_of(self, name: str, args, kwargs):
+        """The module's first positional argument, however the caller passed it."""
+        return args[0] if args else kwargs.get(self.first_param.get(name) or "", None)
+
+    def savepoints(self) -> list[str]:
+        """The selectors of every module with a per-token output, in execution order (head included)."""
+        return [name for name, sides in self.capturable.items() if sides["output"]]
 
     # -- selectors ------------------------------------------------------------------------------
 
     def resolve(self, selector: str):
-        """(module, "output"|"input") for a selector; walks child modules only, never evaluates text."""
+        """(module, "output"|"input") for a selector; looks names up in the module tree, never evaluates text."""
         if not isinstance(selector, str) or not selector:
             raise BadRequest(422, f"selector must be a non-empty string: {selector!r}")
-        text = "lm_head" if selector == "logits" else selector
-        where = "output"
-        if text.endswith(".output") or text.endswith(".input"):
+        text, where = selector, "output"
+        if text.endswith((".output", ".input")):
             text, _, where = text.rpartition(".")
-        module = self.model
+        if text == HEAD_ALIAS:
+            text = self.head_path
+        parts: list[str] = []
         for segment in text.split("."):
             match = SEGMENT_RE.fullmatch(segment)
             if not match:
                 raise BadRequest(422, f"unknown selector {selector!r}: bad segment {segment!r}")
             name, index, sub = match.groups()
-            child = module._modules.get(name if name is not None else index)
-            if child is None:
-                raise BadRequest(422, f"unknown selector {selector!r}: no module {segment!r}")
-            module = child
+            parts.append(name if name is not None else index)
             if sub is not None:
-                child = module._modules.get(sub)
-                if child is None:
-                    raise BadRequest(422, f"unknown selector {selector!r}: index {sub} out of range")
-                module = child
+                parts.append(sub)
+        path = ".".join(parts)
+        module = self.modules.get(path)
+        if module is None:
+            parent = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                           if ".".join(parts[:i]) in self.modules), "")
+            raise BadRequest(422, f"unknown selector {selector!r}: no module {path!r}"
+                                  + (f" under {parent!r}" if parent else ""))
+        if not self.capturable.get(path, {}).get(where):
+            raise BadRequest(422, f"selector {selector!r} names {type(module).__name__} {path!r}, whose {where} "
+                                  f"is not a per-token tensor")
         return module, where
 
     # -- generation -----------------------------------------------------------------------------
@@ -134,13 +390,17 @@ class Engine:
     def _generate(self, prompt_ids, max_new, *, stop, temperature, top_p, seed, savepoints):
         torch = self.torch
         steps: dict[str, list] = {name: [] for name, _, _ in savepoints}
+        paths = {id(module): path for path, module in self.modules.items()}
         handles = []
         for name, module, where in savepoints:
-            def hook(mod, args, kwargs, output, name=name, where=where):
-                value = (args[0] if args else kwargs.get("hidden_states")) if where == "input" else output
+            path = paths[id(module)]
+            layout = self.capturable[path][where]
+
+            def hook(mod, args, kwargs, output, name=name, where=where, path=path, layout=layout):
+                value = self._input_of(path, args, kwargs) if where == "input" else output
                 if isinstance(value, (tuple, list)):
                     value = value[0]
-                steps[name].append(value[:, -1].detach().clone())  # the pass's last position
+                steps[name].append(_last_position(value, layout).detach().clone())  # the pass's last position
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         try:
@@ -151,8 +411,8 @@ class Engine:
                 feed = torch.tensor([prompt_ids])
                 text = ""
                 for _ in range(max_new):
-                    out = self.model(input_ids=feed, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                    out = self.model(input_ids=feed, use_cache=True, **{self.cache_arg: past})
+                    past = out.get(self.cache_arg)
                     logits = out.logits[0, -1].float()
                     if temperature and temperature > 0:
                         probs = torch.softmax(logits / temperature, -1)
@@ -241,13 +501,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/v1/models" and self.family == "store_activations":
             return self._send(200, {"object": "list", "data": [{"id": engine.model_id, "object": "model"}]})
         if self.path == "/v1/models":
-            c = engine.config
             return self._send(200, {"object": "list", "data": [{
                 "id": engine.model_id, "object": "model", "created": 0, "owned_by": "other-stack",
-                "capture": {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-                            "num_layers": c.num_hidden_layers, "dtype": "float32",
-                            "savepoints": ["lm_head", "model.embed_tokens"] + [
-                                f"model.layers[{i}]" for i in range(c.num_hidden_layers)]}}]})
+                "capture": {"vocab_size": engine.vocab_size, "hidden_size": engine.hidden_size,
+                            "num_layers": engine.num_layers, "dtype": "float32",
+                            "savepoints": engine.savepoints()}}]})
         match = re.fullmatch(r"/v1/activations/([0-9a-f]{32})/([A-Za-z0-9_.\[\]%-]{1,200})", self.path)
         if match:
             manifest = self.storage / match.group(1) / "manifest.json"
@@ -294,11 +552,12 @@ class Handler(BaseHTTPRequestHandler):
             if body.get("model", engine.model_id) != engine.model_id:
                 raise BadRequest(404, "model not loaded")
             ids = engine.tokenizer(body.get("prompt") or "Hello", add_special_tokens=False)["input_ids"]
-            head, where = engine.resolve("lm_head")
+            engine.check_context(len(ids), steps)
+            head, where = engine.resolve(HEAD_ALIAS)
             gen, _, _, captured = engine.generate(ids, steps, stop=[], temperature=0, top_p=1.0, seed=None,
                                                   savepoints=[("_logits", head, where)])
             return self._send(200, {"success": True, "logits_shape": [1, len(captured["_logits"]),
-                                                                      engine.config.vocab_size],
+                                                                      engine.vocab_size],
                                     "logits_dtype": "torch.float32",
                                     "generated_text": engine.tokenizer.decode(gen, skip_special_tokens=True)})
         if self.path == "/v1/chat/completions":
@@ -344,6 +603,7 @@ class Handler(BaseHTTPRequestHandler):
         if hasattr(prompt_ids, "keys"):
             prompt_ids = prompt_ids["input_ids"]
         prompt_ids = list(prompt_ids)
+        engine.check_context(len(prompt_ids), max_tokens)
         seed = body.get("seed")
         ids, text, finish, steps = engine.generate(
             prompt_ids, max_tokens, stop=stop, temperature=float(temperature), top_p=float(top_p),
@@ -386,7 +646,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(422, f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
         if file_format not in ("pt", "safetensors"):
             raise BadRequest(422, f"format must be pt or safetensors, not {file_format!r}")
-        wanted = options.get("savepoints", [{"name": "_logits", "selector": "lm_head"}])
+        wanted = options.get("savepoints", [{"name": "_logits", "selector": engine.head_path}])  # the head
         if not isinstance(wanted, list) or not wanted:
             raise BadRequest(422, "savepoints must be a non-empty list")
         savepoints, selectors = [], {}
@@ -455,13 +715,15 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--model-dir", required=True, help="built here on first start; the model id is this path")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3",
+                        help="the family built into an empty --model-dir (a built one is served as it is)")
     parser.add_argument("--storage-dir", default=os.path.join(os.getcwd(), "other-stack-storage"))
     parser.add_argument("--defect", action="append", default=[], choices=DEFECTS)
     parser.add_argument("--family", choices=("protocol-v1", "store_activations"), default="protocol-v1")
     args = parser.parse_args()
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
-        build_model(model_dir)
+        build_model(model_dir, args.arch)
     Handler.engine = Engine(model_dir, args.model_dir, set(args.defect))
     Handler.family = args.family
     Handler.storage = Path(args.storage_dir)
