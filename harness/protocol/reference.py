@@ -153,7 +153,9 @@ class Reference:
             value = _first_tensor(value)
             if site in found or not torch.is_tensor(value):
                 return  # a module run twice per pass keeps its first value, as the server's scan does
-            found[site] = value[0].detach().to(torch.float32).cpu().numpy().copy()
+            # [1, T, D] for most modules; OPT's fc1/fc2 see batch and position merged, [T, D] (batch of one)
+            row = value if value.ndim == 2 and value.shape[0] == len(ids) else value[0]
+            found[site] = row.detach().to(torch.float32).cpu().numpy().copy()
 
         try:
             for site in sites:
