@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.fixtures.zoo import BUILTIN_IDS
 
 from .settings import Settings
 
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="NNsight activation-capture server speaking capture protocol v1 (see docs/protocol.md).",
     )
     parser.add_argument("--model", default=TINY_MODEL_ID,
-                        help=f"model to load at start: {TINY_MODEL_ID!r} (embedded, built locally), a local directory or a hub id (default: %(default)s)")
+                        help=f"model to load at start: a built-in model, built locally on first use ({', '.join(BUILTIN_IDS)}), "
+                             "a local directory or a hub id (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8006, help="port (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
