@@ -38,7 +38,7 @@ from transformers import (  # noqa: E402
 )
 
 from .errors import Unprocessable  # noqa: E402
-from .selectors import Selector  # noqa: E402
+from .selectors import LOGITS, Selector, parse_selector  # noqa: E402
 from .types import (  # noqa: E402
     DTYPES,
     Generation,
@@ -203,19 +203,26 @@ class CaptureModel:
         self._nn = nn_model
         self._module: torch.nn.Module = nn_model._module
         self.tokenizer = nn_model.tokenizer
-        config = self._module.config
+        # A multimodal wrapper keeps the language model's numbers in a text config.
+        config = self._module.config.get_text_config() if hasattr(self._module.config, "get_text_config") \
+            else self._module.config
         self.device = next(self._module.parameters()).device
         self.dtype = next(self._module.parameters()).dtype
         self.eos_token_ids = self._eos_ids()
         # Prompt + generated tokens beyond this are refused (service._check_context): past
         # it the positions are untrained, and a huge prompt holds the only worker for long.
+        # (transformers' attribute_map answers the common names: GPT-2's n_positions, n_embd, n_layer.)
         self.context_length = getattr(config, "max_position_embeddings", None)
         self.sites = self._scan_sites()
-        lm_head = self.sites.get(("lm_head", "output"))
+        self.block_stack = self._block_stack()
+        self.head_path = self._head_path(getattr(config, "vocab_size", None))
+        # Protocol aliases, bound to this model's own modules: ``logits`` is its output head.
+        self.aliases = {LOGITS: self.head_path} if self.head_path is not None else {}
+        head = self.sites.get((self.head_path, "output"))
         self.info = ModelInfo(
-            vocab_size=lm_head.feature_shape[-1] if lm_head else int(config.vocab_size),
-            hidden_size=int(getattr(config, "hidden_size", 0)),
-            num_layers=int(getattr(config, "num_hidden_layers", 0)),
+            vocab_size=head.feature_shape[-1] if head else int(getattr(config, "vocab_size", 0) or 0),
+            hidden_size=int(getattr(config, "hidden_size", None) or self._block_width() or 0),
+            num_layers=int(getattr(config, "num_hidden_layers", None) or len(self._blocks()) or 0),
             dtype=dtype_name(self.dtype),
             device=str(self.device),
         )
@@ -297,7 +304,48 @@ class CaptureModel:
                 handle.remove()
         return shapes
 
+    def _path_of(self, module) -> str | None:
+        return next((name for name, m in self._module.named_modules() if m is module), None)
+
+    def _head_path(self, vocab_size: int | None) -> str | None:
+        """The output head's module path: ``get_output_embeddings()``, else the last module with vocabulary-wide output."""
+        getter = getattr(self._module, "get_output_embeddings", None)
+        head = getter() if getter is not None else None
+        path = self._path_of(head) if head is not None else None
+        if path:
+            return path
+        if vocab_size:
+            wide = [s for s in self.sites.values() if s.io == "output" and s.feature_shape == (vocab_size,)]
+            if wide:
+                return max(wide, key=lambda s: s.rank).module_path
+        return None
+
+    def _block_stack(self) -> str | None:
+        """The path of the decoder blocks' ModuleList: the one holding the model's ``_no_split_modules`` classes,
+        else the longest ModuleList of one repeated class (``transformer.h``, ``gpt_neox.layers``, ``model.layers``)."""
+        named = set(getattr(self._module, "_no_split_modules", None) or ())
+        best, best_len = None, 0
+        for name, module in self._module.named_modules():
+            if not isinstance(module, torch.nn.ModuleList) or not len(module):
+                continue
+            kinds = {type(child).__name__ for child in module}
+            if kinds & named:
+                return name
+            if len(kinds) == 1 and len(module) > best_len:
+                best, best_len = name, len(module)
+        return best
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return list(self._module.get_submodule(self.block_stack)) if self.block_stack else []
+
+    def _block_width(self) -> int | None:
+        blocks = self._blocks()
+        site = self.sites.get((f"{self.block_stack}.0", "output")) if blocks else None
+        return site.feature_shape[-1] if site and site.feature_shape else None
+
     def site(self, selector: Selector) -> SavepointSite:
+        # Bound to this model again: a selector parsed without it reads ``logits`` by the protocol's old name.
+        selector = parse_selector(selector.text, self.aliases)
         found = self.sites.get((selector.module_path, selector.io))
         if found is None:
             if self._is_module(selector.module_path):
@@ -396,7 +444,7 @@ class CaptureModel:
           Step N feeds the last completion token, which generation never does on its
           own: its stop conditions are applied one step late (``_StopOneStepLate``), so
           it costs one more forward step, and the token that step produces is dropped.
-        With transformers 5, ``lm_head`` (and anything after the slice in the model's
+        With transformers 5, the output head (and anything after the slice in the model's
         forward) sees the last position only (``logits_to_keep=1``); prompt positions of
         such a site need ``logits_to_keep=0``, asked for only when one is captured.
         """

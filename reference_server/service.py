@@ -22,13 +22,14 @@ from .errors import BadRequest, CaptureError, Unprocessable
 from .input_rules import GREEDY_TEMPERATURE_EPS
 from .registry import ModelRegistry, ModelWorker
 from .schemas import CaptureOptions, ChatRequest, PureRequest
-from .selectors import parse_selector
+from .selectors import LOGITS, parse_selector
 from .settings import Settings
 from .storage import RunStore
 from .types import DTYPES, GenerationParams, GenerationRequest, PlannedSavepoint
 
 log = logging.getLogger(__name__)
-DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": "lm_head"}]
+# ``logits``: the served model's output head, whatever its module path (see selectors).
+DEFAULT_SAVEPOINTS = [{"name": "_logits", "selector": LOGITS}]
 # Optional protocol features this server supports (/v1/models capture.features, protocol 1.1).
 FEATURES = ["prompt", "sequence", "streaming", "safetensors", "bfloat16", "float16"]
 
@@ -93,7 +94,7 @@ class CaptureService:
                 raise Unprocessable(f"duplicate selector {text!r}")
             names.add(name)
             selectors.add(text)
-            selector = parse_selector(text)
+            selector = parse_selector(text, model.aliases)
             planned.append(PlannedSavepoint(name=name, selector=selector, site=model.site(selector)))
         return planned
 
@@ -248,7 +249,7 @@ class CaptureService:
         kept = {"generated": max_tokens, "prompt": prompt_len, "sequence": prompt_len + max_tokens}[positions]
         steps = kept if options.tokens == "all" else 1
         itemsize = DTYPES[options.dtype].itemsize
-        # tokens "first" of prompt positions still has lm_head computed at every prompt position first.
+        # tokens "first" of prompt positions still has the head computed at every prompt position first.
         first_of_prompt = options.tokens == "first" and positions != "generated"
         total = sum((prompt_len if first_of_prompt and sp.site.last_only else steps)
                     * math.prod(sp.site.feature_shape) * itemsize for sp in plan)

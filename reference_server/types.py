@@ -39,7 +39,7 @@ class SavepointSite:
     rank: int
     feature_shape: tuple[int, ...]  # the value's shape after [batch, position]
     # Computed for the last position only while generating (transformers 5 slices the hidden
-    # states before lm_head: logits_to_keep=1): prompt positions need logits_to_keep=0.
+    # states before the output head: logits_to_keep=1): prompt positions need logits_to_keep=0.
     last_only: bool = False
 
 
@@ -85,7 +85,7 @@ class GenerationRequest:
         return ("greedy", self.positions == "sequence", self.needs_all_logits())
 
     def needs_all_logits(self) -> bool:
-        """Whether a last-only site (lm_head) must be computed at every prompt position.
+        """Whether a last-only site (the output head) must be computed at every prompt position.
 
         Not for ``tokens: "last"``: the prompt's last position is step 0's, the sequence's
         last is the extra step's, both computed anyway.
