@@ -198,14 +198,14 @@ def _set(truth: GroundTruth, attr: str, value: int | None, source: str) -> None:
 def locate_model_dir(model_id: str) -> Path | None:
     """A local directory holding ``config.json`` for ``model_id``, without any download."""
     try:
-        from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_model, tiny_model_dir
+        from capture_conformance.fixtures.zoo import builtin_model_dir, ensure_builtin, is_builtin
 
-        if model_id == TINY_MODEL_ID:
-            built = tiny_model_dir()
+        if is_builtin(model_id):  # the embedded models (tiny-qwen3 and the zoo's families), built here
+            built = builtin_model_dir(model_id)
             if (built / "config.json").exists():
                 return built
             try:
-                return ensure_tiny_model()  # needs torch and transformers to build
+                return ensure_builtin(model_id)  # needs torch and transformers to build
             except Exception:
                 return None
     except ImportError:
