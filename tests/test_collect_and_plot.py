@@ -80,8 +80,8 @@ def test_collect_layers_are_found_in_the_model_and_out_of_range_is_refused(serve
     argv = [sys.executable, "-m", "capture_conformance.harness.tools.collect", "--input", SAMPLE, "--url", server.url,
             "--max-tokens", "8", "--limit", "1"]
     out = tmp_path / "layers"
-    result = subprocess.run([*argv, "--out", str(out), "--layers", "0", "-1"], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([*argv, "--out", str(out), "--savepoints", "_logits=logits", "--layers", "0", "-1"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     settings = json.loads((out / "settings.json").read_text())
     # Qwen3 keeps its decoder blocks in model.layers (transformers' Qwen3Model); tiny-qwen3 has two.

@@ -15,7 +15,7 @@ from capture_conformance.harness.tools.dataset import load_run
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = str(REPO / "fixtures" / "gsm8k_sample.jsonl")
-LAYER = "model.layers[1]"
+LAYER = "layer_1"  # --layers 1: the second block, whatever the model calls its block stack
 
 
 def collect(out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def collect(out: Path, *extra: str, timeout: float = 600) -> subprocess.Complete
 def prompt_run(tmp_path_factory, tiny_model_dir) -> Path:
     """The whole sample with --positions prompt and no --host: the bundled server is started for the run."""
     out = tmp_path_factory.mktemp("collect") / "gsm-prompt"
-    result = collect(out, "--positions", "prompt", "--savepoints", LAYER, "--max-tokens", "2")
+    result = collect(out, "--positions", "prompt", "--layers", "1", "--max-tokens", "2")
     assert result.returncode == 0, result.stderr
     assert "starting the bundled reference server" in result.stderr, result.stderr
     return out
@@ -37,7 +37,8 @@ def test_prompt_positions_write_one_p_by_h_file_per_problem(prompt_run):
     rows = [json.loads(line) for line in (prompt_run / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 24
     settings = json.loads((prompt_run / "settings.json").read_text())
-    assert settings["positions"] == "prompt" and settings["savepoints"] == [LAYER] and settings["max_tokens"] == 2
+    assert settings["positions"] == "prompt" and settings["layers"] == [1] and settings["max_tokens"] == 2
+    assert settings["selectors"] == ["layer_1=model.layers[1]"]  # tiny-qwen3 is a Qwen3: blocks in model.layers
     for row in rows:
         p = row["usage"]["prompt_tokens"]
         assert row["positions"] == "prompt" and len(row["prompt_token_ids"]) == p
@@ -58,7 +59,7 @@ def test_the_loader_aligns_arrays_with_the_rows_and_pads_ragged_lengths(prompt_r
     assert np.array_equal(values[3, : lengths[3]], third) and not values[3, lengths[3]:].any()
     assert np.array_equal(run.last(LAYER)[3], third[-1])
     exported = run.to_numpy(tmp_path / "npz")
-    saved = np.load(exported / "model.layers_1_.npz")
+    saved = np.load(exported / "layer_1.npz")
     assert np.array_equal(saved["values"], values) and np.array_equal(saved["mask"], mask)
 
 

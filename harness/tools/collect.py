@@ -115,7 +115,7 @@ def parse_savepoints(values: list[str]) -> list:
 
 
 def layer_savepoints(args, client: CaptureClient) -> list[str]:
-    """``--layers`` as ``layer_I=<block I>`` over the discovered block stack, after ``--savepoints`` (else _logits)."""
+    """``--layers`` as ``layer_I=<block I>`` over the discovered block stack, after ``--savepoints``."""
     from capture_conformance.harness.protocol.ground_truth import locate_model_dir
     from capture_conformance.harness.protocol.layout import discover_layout
 
@@ -126,7 +126,7 @@ def layer_savepoints(args, client: CaptureClient) -> list[str]:
         return listed if isinstance(listed, list) else None
 
     layout = discover_layout(str(local) if local else None, server_list)
-    out = list(args.savepoints) if args.savepoints else ["_logits=logits"]
+    out = list(args.savepoints or [])
     for index in args.layers:
         if not -layout.num_blocks <= index < layout.num_blocks:
             raise LookupError(f"layer {index} is out of range: the model has {layout.num_blocks} blocks "
@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="selectors or name=selector pairs (default: the server's default, _logits)")
     parser.add_argument("--layers", nargs="*", type=int, default=None, metavar="I",
                         help="decoder blocks whose outputs to capture, as indices into the block stack discovered "
-                             "in the model (negative from the end), named layer_I; with _logits unless "
-                             "--savepoints says otherwise")
+                             "in the model (negative from the end), named layer_I; added to --savepoints "
+                             "(add --savepoints _logits=logits for the logits too)")
     parser.add_argument("--tokens", choices=["all", "first", "last"], default="all",
                         help="all, or the first or last of the positions asked for (default: %(default)s)")
     parser.add_argument("--positions", choices=["generated", "prompt", "sequence"], default="generated",
