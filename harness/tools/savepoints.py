@@ -1,0 +1,96 @@
+"""``capture-savepoints MODEL``: which selectors a model has, by role, as the suites discover them.
+
+MODEL is a built-in id (``tiny-gpt2``...), a local model directory, or a hub id
+already in the local Hugging Face cache (nothing is downloaded); with ``--url``
+the server's own ``capture.savepoints`` list is read instead (not independent).
+The answer is the same one every suite and tool uses (``harness/protocol/layout.py``),
+so what it prints is what ``capture-collect --layers`` and the suites will ask for.
+
+    capture-savepoints tiny-gpt2
+    capture-savepoints ~/models/pythia-160m --json
+    capture-savepoints some-model --url http://127.0.0.1:8006
+    capture-savepoints --markdown tiny-qwen3 tiny-gpt2 ...   (the table of docs/architectures.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from capture_conformance.harness.protocol.layout import Layout, discover_layout
+
+ROLES = ("blocks", "attention", "mlp", "down_proj", "block_norm", "final_norm", "embeddings", "head")
+
+
+def layout_for(model: str, url: str | None = None, api_key: str | None = None) -> Layout:
+    """The model's layout: from its local copy, else (with ``url``) from the server's list."""
+    from capture_conformance.harness.protocol.ground_truth import locate_model_dir
+
+    local = locate_model_dir(model) if url is None else None
+    server_list = None
+    if url is not None:
+        from capture_conformance.harness.protocol.client import CaptureClient
+
+        client = CaptureClient(url, api_key=api_key, timeout_s=30)
+
+        def server_list() -> list | None:
+            listed = (client.capture_block(model) or {}).get("savepoints")
+            return listed if isinstance(listed, list) else None
+
+    return discover_layout(str(local) if local else None, server_list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="capture-savepoints", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("model", nargs="+", help="built-in id, local model directory, or a hub id in the local cache")
+    parser.add_argument("--url", help="read the server's capture.savepoints for MODEL instead (not independent)")
+    parser.add_argument("--api-key")
+    parser.add_argument("--json", action="store_true", help="the whole layout as JSON")
+    parser.add_argument("--markdown", action="store_true", help="one Markdown table row per model")
+    args = parser.parse_args(argv)
+    layouts = {}
+    for model in args.model:
+        try:
+            layouts[model] = layout_for(model, args.url, args.api_key)
+        except LookupError as exc:
+            print(f"capture-savepoints: {model}: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        described = {model: layout.describe() for model, layout in layouts.items()}
+        print(json.dumps(described[args.model[0]] if len(described) == 1 else described, indent=2))
+        return 0
+    if args.markdown:
+        print(markdown_header())
+        for model, layout in layouts.items():
+            print(markdown_row(model, layout))
+        return 0
+    for model, layout in layouts.items():
+        roles = layout.selectors()
+        print(f"{model}: {layout.num_blocks} blocks, from {layout.source}")
+        for role in ROLES:
+            print(f"  {role:<12} {roles.get(role) or '-'}")
+        for note in layout.notes:
+            print(f"  note: {note}")
+    return 0
+
+
+def markdown_header() -> str:
+    return ("| model | blocks | " + " | ".join(ROLES[1:]) + " |\n|" + "---|" * (len(ROLES) + 1))
+
+
+def markdown_row(model: str, layout: Layout) -> str:
+    """Block-relative roles as paths inside block 0; `-` where the family has no such module."""
+    roles = layout.selectors()
+    cells = [f"`{layout.blocks}` x {layout.num_blocks}"]
+    for role in ROLES[1:]:
+        value = roles.get(role)
+        prefix = layout.block(0) + "."
+        shown = value[len(prefix):] if value and value.startswith(prefix) else value
+        cells.append(f"`{shown}`" if shown else "-")
+    return f"| {model} | " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
