@@ -41,10 +41,13 @@ def witness_area(area: str) -> str:
     return "models" if area == "health" else "health"
 
 
-def launch_command(fault: str) -> str:
+def launch_command(fault: str, model: str | None = None) -> str:
+    """``fault``: one fault, ``none``, or several joined by ``+`` (installed together)."""
+    served = f" --model {model}" if model else ""
     if fault == UNFAULTED:
-        return "python -m capture_conformance.reference_server --port {port} --storage-dir {storage_dir}"
-    return f"python {FAULTY_SERVER} --port {{port}} --storage-dir {{storage_dir}} --fault {fault}"
+        return "python -m capture_conformance.reference_server --port {port} --storage-dir {storage_dir}" + served
+    faults = "".join(f" --fault {name}" for name in fault.split("+"))
+    return f"python {FAULTY_SERVER} --port {{port}} --storage-dir {{storage_dir}}{faults}{served}"
 
 
 def subprocess_env() -> dict[str, str]:
@@ -64,6 +67,7 @@ class Failure:
     area: str
     outcome: str  # failed or error
     message: str  # first line
+    detail: str = ""  # the whole message (bounded), for cases that check what a diagnosis says
 
     def line(self) -> str:
         return f"[{self.area}] {self.test}: {self.message}"
@@ -130,17 +134,35 @@ def machine() -> dict:
     return info
 
 
-def run_case(case: str, workdir: Path, timeout: float = CASE_TIMEOUT_S) -> CaseResult:
-    """One capture-conformance run (profile core) against the server with fault ``case`` (or none)."""
+def run_case(case: str, workdir: Path, timeout: float = CASE_TIMEOUT_S, *, model: str | None = None,
+             only: str | None = None) -> CaseResult:
+    """One capture-conformance run (profile core) against the server with fault ``case`` (or none).
+
+    ``model``: a built-in model other than the default (the zoo's families); ``only``: a ``-k``
+    expression, for cases that need one test of the fault's area (and then no witness area).
+    """
     from faults import FAULTS
 
-    fault = FAULTS.get(case)
-    if case != UNFAULTED and fault is None:
-        raise ValueError(f"unknown fault {case!r}")
+    names = [] if case == UNFAULTED else case.split("+")
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        raise ValueError(f"unknown fault {unknown}")
+    if len({FAULTS[n].area for n in names}) > 1:
+        raise ValueError(f"faults installed together must share their area: {case}")
+    fault = FAULTS[names[0]] if names else None
     report_dir = workdir / "report"
-    argv = [sys.executable, "-m", "capture_conformance.harness.pytest_plugin.cli", "--launch", launch_command(case), "--profile", PROFILE,
-            "--report-dir", str(report_dir)]
-    if fault is not None:
+    argv = [sys.executable, "-m", "capture_conformance.harness.pytest_plugin.cli", "--launch", launch_command(case, model),
+            "--profile", PROFILE, "--report-dir", str(report_dir)]
+    if model:
+        argv += ["--model", model]
+    if only and fault is not None:
+        argv += ["--area", fault.area, "--", "-k", only]
+    elif fault is not None and fault.area != "health" and not os.environ.get(OUT_ENV):
+        # Caught means one failure of its own area: stop there (-x). The witness area runs first (areas
+        # run health first), so a crash is still told from a bug. The kill-rate page (KILL_RATE_OUT)
+        # lists every test a fault fails, so that run goes to the end.
+        argv += ["--area", f"{fault.area},{witness_area(fault.area)}", "--", "-x"]
+    elif fault is not None:
         # The fault's own area, where it must be caught, and one more that a running server passes
         # (so a crash is told from a bug). The unfaulted case runs every area.
         argv += ["--area", f"{fault.area},{witness_area(fault.area)}"]
@@ -157,7 +179,8 @@ def run_case(case: str, workdir: Path, timeout: float = CASE_TIMEOUT_S) -> CaseR
     report_path = report_dir / "conformance-report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     tests = report.get("tests", [])
-    failures = [Failure(t["nodeid"], t["area"], t["outcome"], (t.get("message") or "").strip().split("\n")[0][:300])
+    failures = [Failure(t["nodeid"], t["area"], t["outcome"], (t.get("message") or "").strip().split("\n")[0][:300],
+                        (t.get("message") or "")[:4000])
                 for t in tests if t["outcome"] in ("failed", "error")]
     return CaseResult(
         case=case,

@@ -117,7 +117,7 @@ def _shifted(t: Target) -> None:
 @fault("truncated_hidden", "savepoints", "hidden features silently truncated to the first 128")
 def _truncated(t: Target) -> None:
     def change(gen, plan, options):
-        hidden = {sp.name for sp in plan if (sp.site.module_path, sp.site.io) != ("lm_head", "output")}
+        hidden = {sp.name for sp in plan if not _is_logits(t, sp.site)}
         gen.tensors = {n: x[..., :128] if n in hidden else x for n, x in gen.tensors.items()}
 
     _wrap_generate(t, change)
@@ -451,22 +451,35 @@ def _replace_sites(t: Target, choose: Callable) -> None:
     t.service._plan = plan
 
 
-def _layer_index(path: str) -> tuple[str, int, str] | None:
-    import re
-
-    match = re.match(r"^(.*\.layers)\.(\d+)((?:\..*)?)$", path)
-    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+_LAYOUTS: dict[int, object] = {}
 
 
-def _is_logits(site) -> bool:
-    return (site.module_path, site.io) == ("lm_head", "output")
+def _layout(model):
+    """The served model's roles (block stack, head, final norm), by structure: faults work on every family."""
+    from capture_conformance.harness.protocol.layout import layout_from_module
+
+    if id(model) not in _LAYOUTS:
+        _LAYOUTS[id(model)] = layout_from_module(model._module)  # test code: the torch module under nnsight
+    return _LAYOUTS[id(model)]
 
 
-@fault("layer_from_next", "values", "`model.layers[i]` (output and input) served from layer i+1, consistently")
+def _layer_index(model, path: str) -> tuple[str, int, str] | None:
+    """``<blocks>.3.mlp`` -> (<blocks>, 3, ".mlp") over the model's own block stack, whatever it is called."""
+    layout = _layout(model)
+    where = layout.block_of(path)
+    return (layout.blocks, where[0], where[1]) if where else None
+
+
+def _is_logits(t: Target, site) -> bool:
+    """Whether ``site`` is the output of the head of a model the target serves (``lm_head``, ``embed_out``...)."""
+    return site.io == "output" and site.module_path in {_layout(w.model).head for w in t.registry.workers()}
+
+
+@fault("layer_from_next", "values", "a decoder block's output (and input) served from block i+1, consistently")
 def _layer_from_next(t: Target) -> None:
     # An off-by-one into a list of per-layer hooks or of output_hidden_states.
     def choose(model, site):
-        where = _layer_index(site.module_path)
+        where = _layer_index(model, site.module_path)
         if where and where[2] == "":
             return model.sites.get((f"{where[0]}.{where[1] + 1}", site.io))
         return None
@@ -474,23 +487,24 @@ def _layer_from_next(t: Target) -> None:
     _replace_sites(t, choose)
 
 
-@fault("last_layer_after_norm", "values", "the last decoder layer's output taken after the final norm")
+@fault("last_layer_after_norm", "values", "the last decoder block's output taken after the final norm")
 def _last_layer_after_norm(t: Target) -> None:
-    # hidden_states[-1] of output_hidden_states is after model.norm, not the last layer's output.
+    # hidden_states[-1] of output_hidden_states is after the final norm, not the last block's output.
     def choose(model, site):
-        where = _layer_index(site.module_path)
-        if where and where[2] == "" and site.io == "output" and where[1] == model.info.num_layers - 1:
-            return model.sites.get((f"{where[0].rsplit('.', 1)[0]}.norm", "output"))
+        where = _layer_index(model, site.module_path)
+        layout = _layout(model)
+        if where and where[2] == "" and site.io == "output" and where[1] == layout.last and layout.final_norm:
+            return model.sites.get((layout.final_norm, "output"))
         return None
 
     _replace_sites(t, choose)
 
 
-@fault("logits_as_probabilities", "values", "`lm_head` captures stored as softmax probabilities (same argmax)")
+@fault("logits_as_probabilities", "values", "the head's captures stored as softmax probabilities (same argmax)")
 def _logits_as_probabilities(t: Target) -> None:
     def change(gen, plan, options):
         for sp in plan:
-            if _is_logits(sp.site) and sp.name in gen.tensors:
+            if _is_logits(t, sp.site) and sp.name in gen.tensors:
                 x = gen.tensors[sp.name]
                 gen.tensors[sp.name] = torch.softmax(x.float(), dim=-1).to(x.dtype)
 
@@ -506,7 +520,7 @@ def _logits_temperature_scaled(t: Target) -> None:
         generation = await original(worker, prompt_ids, params, plan, options, **kw)
         if params.temperature > 0:
             for sp in plan:
-                if _is_logits(sp.site) and sp.name in generation.tensors:
+                if _is_logits(t, sp.site) and sp.name in generation.tensors:
                     generation.tensors[sp.name] = generation.tensors[sp.name] / params.temperature
         return generation
 
@@ -543,7 +557,7 @@ def _step0_wrong_position(t: Target) -> None:
 
     async def generate(worker, prompt_ids, params, plan, options, **kw):
         generation = await original(worker, prompt_ids, params, plan, options, **kw)
-        hidden = [sp for sp in plan if not _is_logits(sp.site) and sp.name in generation.tensors]
+        hidden = [sp for sp in plan if not _is_logits(t, sp.site) and sp.name in generation.tensors]
         holds_step0 = options.tokens in ("all", "first") or len(generation.token_ids) == 1
         if hidden and holds_step0 and len(prompt_ids) > 1:
             # Position P-2 of the prompt is the last position of a pass over the prompt without its last id.
@@ -561,8 +575,8 @@ def _mlp_after_inplace_add(t: Target) -> None:
     # What a hook that keeps a view (no clone) sees when the layer adds the residual in place:
     # the decoder layer's output.
     def choose(model, site):
-        where = _layer_index(site.module_path)
-        if where and where[2] == ".mlp" and site.io == "output":
+        where = _layer_index(model, site.module_path)
+        if where and where[2] == f".{_layout(model).block_mlp}" and site.io == "output":
             return model.sites.get((f"{where[0]}.{where[1]}", "output"))
         return None
 

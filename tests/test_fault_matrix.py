@@ -24,6 +24,8 @@ from fault_matrix import CASE_TIMEOUT_S, OUT_ENV, UNFAULTED, run_case, save, sub
 from capture_conformance.harness.pytest_plugin.areas import BY_NAME, MARKER
 from capture_conformance.harness.pytest_plugin.plugin import SUITES_DIR
 from faults import FAULTS
+from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
+from capture_conformance.fixtures.zoo import BUILTIN_IDS, ensure_builtin
 
 # The faults that issue 4 names, by their number there.
 ISSUE_FAULTS = {
@@ -109,3 +111,23 @@ def test_fault_matrix(case, tiny_model_dir, tmp_path):
         f"fault {case!r} was caught only outside its own area {result.area!r}\n{result.explain()}")
     # A realistic fault is a server that runs and gets most things right, not one that dies on start.
     assert result.passed > 0, f"fault {case!r}: no test passed at all; is it a crash, not a bug?\n{result.explain()}"
+
+
+# Issue 18: the structural value faults, in every family of the zoo but the default (which the matrix above runs).
+# Both are installed on one server per family: they touch disjoint blocks (0..L-2 served from their next
+# block; L-1, which has no next, taken after the final norm), and one test of the values area (every block's
+# output) must name both. Each installed fault rewrites what the ones before it chose, so the final-norm one
+# goes first (L-1 -> norm), then the off-by-one (i -> i+1 for i < L-1: it leaves the norm alone).
+STRUCTURAL = "last_layer_after_norm+layer_from_next"
+ZOO_OTHERS = [m for m in BUILTIN_IDS if m != TINY_MODEL_ID]
+
+
+@pytest.mark.timeout(CASE_TIMEOUT_S + 60)
+@pytest.mark.parametrize("family", ZOO_OTHERS)
+def test_a_neighbouring_block_and_a_last_block_after_the_final_norm_are_named_in_every_family(family, tmp_path):
+    ensure_builtin(family)  # built once into the shared cache before the server and the harness both read it
+    result = run_case(STRUCTURAL, tmp_path, model=family, only="test_decoder_layer_outputs_match_the_reference")
+    assert result.caught and result.own_area_failures, f"{STRUCTURAL} on {family} was NOT caught\n{result.explain()}"
+    said = " ".join(f.detail for f in result.own_area_failures)
+    assert "`layer_0`" in said and "matches layer 1 of the reference" in said, result.explain()
+    assert "(the last layer after the final norm)" in said, result.explain()

@@ -40,7 +40,7 @@ LEVELS = [
     ("savepoints", ["savepoints"]),
     ("full", AREAS),
 ]
-MESSAGE_CHARS = 400
+MESSAGE_CHARS = 2000  # a values failure names every savepoint it compared: keep them all
 
 
 @dataclass
