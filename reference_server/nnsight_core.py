@@ -195,6 +195,18 @@ def _first_tensor(value):
     return value
 
 
+def _unflatten(value: torch.Tensor, row: int, rows: int) -> torch.Tensor:
+    """Row ``row`` of a flattened ``[rows * positions, ...]`` value, as ``[1, positions, ...]``.
+
+    nnsight hands each invoke its own rows of a value whose leading size is the batch's row
+    count: a decode step's ``[rows * 1, ...]`` is already this invoke's ``[1, ...]``. Any
+    other flattened value comes whole, rows one after another.
+    """
+    if value.shape[0] == 1:
+        return value.reshape(1, 1, *value.shape[1:])
+    return value.reshape(rows, value.shape[0] // rows, *value.shape[1:])[row:row + 1]
+
+
 class CaptureModel:
     """One loaded model and what is known about its modules."""
 
@@ -261,21 +273,27 @@ class CaptureModel:
         """
         probe_len = 7
         full = self._probe_shapes(probe_len)
+        # Some blocks flatten [batch, position, D] to [batch * position, D] inside (OPT's fc1/fc2):
+        # a second probe of two rows tells those rows apart from values of any other layout.
+        maybe_flat = [key for key, shape in full.items() if len(shape) >= 2 and shape[0] == probe_len]
+        two_rows = self._probe_shapes(probe_len, rows=2) if maybe_flat else {}
         sites: dict[tuple[str, str], SavepointSite] = {}
         for key, shape in full.items():
             if len(shape) >= 2 and shape[:2] == (1, probe_len):
                 sites[key] = SavepointSite(key[0], key[1], len(sites), tuple(shape[2:]))
+            elif key in maybe_flat and two_rows.get(key) == (2 * probe_len, *shape[1:]):
+                sites[key] = SavepointSite(key[0], key[1], len(sites), tuple(shape[1:]), flat=True)
         sites.pop(("", "input"), None)  # the root takes ids, not activations
         sites.pop(("", "output"), None)
         if "logits_to_keep" in inspect.signature(self._module.forward).parameters:
             # generate passes logits_to_keep=1: find the sites that then hold the last position only.
             kept = self._probe_shapes(probe_len, logits_to_keep=1)
             for key, site in sites.items():
-                if key in kept and kept[key][1:2] != (probe_len,):
+                if key in kept and kept[key][0 if site.flat else 1:][:1] != (probe_len,):
                     sites[key] = replace(site, last_only=True)
         return sites
 
-    def _probe_shapes(self, probe_len: int, **forward_kwargs) -> dict[tuple[str, str], tuple[int, ...]]:
+    def _probe_shapes(self, probe_len: int, rows: int = 1, **forward_kwargs) -> dict[tuple[str, str], tuple[int, ...]]:
         """(module path, "input"/"output") -> the value's shape, in execution order, from one hooked forward."""
         shapes: dict[tuple[str, str], tuple[int, ...]] = {}
         handles = []
@@ -296,7 +314,7 @@ class CaptureModel:
             )
             handles.append(module.register_forward_hook(lambda mod, args, out, n=name: record(n, "output", out)))
         try:
-            ids = torch.zeros((1, probe_len), dtype=torch.long, device=self.device)
+            ids = torch.zeros((rows, probe_len), dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 self._module(input_ids=ids, **forward_kwargs)
         finally:
@@ -469,7 +487,7 @@ class CaptureModel:
         if any(r.needs_all_logits() for r in requests):
             kwargs["logits_to_keep"] = 0
         plans = [sorted(r.savepoints, key=lambda sp: sp.site.rank) for r in requests]
-        sites = [[(self._envoy(sp.site.module_path), sp.site.io) for sp in plan] for plan in plans]
+        sites = [[(self._envoy(sp.site.module_path), sp.site.io, sp.site.flat) for sp in plan] for plan in plans]
         inputs = [torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device) for r in requests]
         with warnings.catch_warnings():
             # An open step loop ends when the model stops early (EOS, stop string);
@@ -483,13 +501,15 @@ class CaptureModel:
                     keep_prompt = request.positions != "generated"
                     with tracer.invoke(input_ids):
                         for _step in tracer.iter[:steps]:
-                            for slot, (envoy, io) in enumerate(row_sites):
+                            for slot, (envoy, io, flat) in enumerate(row_sites):
                                 entries = captured[row][slot]
                                 if entries and request.positions == "prompt":
                                     continue  # the prompt is all in step 0
                                 if solo and entries and request.tokens == "first":
                                     continue
                                 value = _first_tensor(envoy.output if io == "output" else envoy.input)
+                                if flat:
+                                    value = _unflatten(value, row, len(requests))
                                 if keep_prompt and not entries:
                                     # Left padding in a batch: this row's prompt is the rightmost prompt_len positions.
                                     chunk = value[:, value.shape[1] - prompt_len:]

@@ -41,6 +41,8 @@ class SavepointSite:
     # Computed for the last position only while generating (transformers 5 slices the hidden
     # states before the output head: logits_to_keep=1): prompt positions need logits_to_keep=0.
     last_only: bool = False
+    # Laid out [batch * position, ...] (a block that flattens its tokens, OPT's fc1/fc2), not [batch, position, ...].
+    flat: bool = False
 
 
 @dataclass(frozen=True)
