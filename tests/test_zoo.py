@@ -170,6 +170,46 @@ def test_logits_and_a_middle_block_equal_plain_transformers(zoo_client, zoo_dirs
     assert new == ref
 
 
+def listed_under(client, model_id, prefix) -> list[str]:
+    entry = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == model_id)
+    return [s for s in entry["capture"]["savepoints"] if s == prefix or s.startswith(prefix + ".")]
+
+
+@pytest.mark.parametrize("model_id", FAMILIES)
+def test_every_savepoint_of_a_block_equals_plain_transformers(zoo_client, zoo_dirs, model_id):
+    """All the block's listed savepoints (attention, MLP, norms, inputs; OPT's flattened fc1/fc2 too)."""
+    model, _ = reference(zoo_dirs, model_id)
+    stack, n_blocks = block_stack(model)
+    selectors = listed_under(zoo_client, model_id, f"{stack}.{n_blocks // 2}")
+    assert len(selectors) >= 4, selectors
+    content, n = PROMPTS[1], 5
+    body = chat(zoo_client, model_id, content, n, capture={"savepoints": selectors, "format": "safetensors"})
+    prompt, new = body["prompt_token_ids"], body["completion_token_ids"]
+    seen, hooks = {}, []
+    for selector in selectors:
+        path, io = (selector.removesuffix(".input"), "input") if selector.endswith(".input") else (selector, "output")
+        module = model.get_submodule(path)
+
+        def keep(mod, args, output=None, selector=selector, io=io):  # the first call's value, as the server keeps
+            if selector not in seen:
+                seen[selector] = first_tensor(args[0] if io == "input" else output)
+
+        hooks.append(module.register_forward_pre_hook(keep) if io == "input" else module.register_forward_hook(keep))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([prompt + new[:-1]]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = slice(len(prompt) - 1, len(prompt) - 1 + len(new))
+    for selector in selectors:
+        want = seen[selector]
+        want = want[:, steps] if want.shape[0] == 1 else want[steps].unsqueeze(0)  # [1, T, ...] or flattened [T, ...]
+        got = download(zoo_client, body["activations_meta"][selector])
+        assert got.shape == want.shape, selector
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=selector)
+
+
 @pytest.mark.parametrize("model_id", FAMILIES)
 def test_models_lists_the_real_module_paths(zoo_client, zoo_dirs, model_id):
     model, _ = reference(zoo_dirs, model_id)
@@ -207,21 +247,25 @@ def test_batched_requests_equal_their_solo_runs(zoo_registry, zoo_dirs, model_id
 
     model = zoo_registry.get(model_id).model
     stack, _ = block_stack(reference(zoo_dirs, model_id)[0])
+    selectors = ["logits", *(s for s in model.savepoint_catalogue() if s.startswith(f"{stack}.0."))][:64]
 
-    def request(content, max_tokens):
+    def request(content, max_tokens, positions):
         prompt = chat_rules.render_prompt(model.tokenizer, [{"role": "user", "content": content}])
         plan = [PlannedSavepoint(s, parse_selector(s, model.aliases), model.site(parse_selector(s, model.aliases)))
-                for s in ("logits", f"{stack}.0")]
-        return GenerationRequest(prompt, GenerationParams(max_new_tokens=max_tokens), plan)
+                for s in selectors]
+        return GenerationRequest(prompt, GenerationParams(max_new_tokens=max_tokens), plan, positions=positions)
 
-    requests = [request(PROMPTS[1], 6), request("Say OK.", 6)]
-    assert len(requests[0].prompt_ids) != len(requests[1].prompt_ids)
-    solo = [model.generate_batch([r])[0] for r in requests]
-    together = model.generate_batch(requests)
-    for alone, batched in zip(solo, together):
-        assert batched.token_ids == alone.token_ids
-        for name in alone.tensors:
-            torch.testing.assert_close(batched.tensors[name], alone.tensors[name], rtol=1e-3, atol=1e-3)
+    for positions in ("generated", "sequence"):
+        requests = [request(PROMPTS[1], 6, positions), request("Say OK.", 6, positions)]
+        assert len(requests[0].prompt_ids) != len(requests[1].prompt_ids)
+        solo = [model.generate_batch([r])[0] for r in requests]
+        together = model.generate_batch(requests)
+        for alone, batched in zip(solo, together):
+            assert batched.token_ids == alone.token_ids
+            assert batched.tensors.keys() == alone.tensors.keys() == set(selectors)
+            for name in alone.tensors:
+                torch.testing.assert_close(batched.tensors[name], alone.tensors[name], rtol=1e-3, atol=1e-3,
+                                           msg=f"{positions} {name}")
 
 
 def test_a_family_build_is_deterministic(tmp_path, zoo_dirs):
