@@ -112,8 +112,9 @@ class Layout:
         for stem in (self.blocks + "[", self.blocks + "."):
             if selector.startswith(stem):
                 return "{blocks}" + selector[len(self.blocks):]
-        if self.head != HEAD_ALIAS and (selector == self.head or selector.startswith(self.head + ".")):
-            return "{head}" + selector[len(self.head):]
+        for head in {self.head, HEAD_ALIAS}:  # the alias and the module it means are one savepoint
+            if selector == head or selector.startswith(head + "."):
+                return "{head}" + selector[len(head):]
         return selector
 
     def is_head(self, module_path: str) -> bool:
