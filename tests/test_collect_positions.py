@@ -74,7 +74,7 @@ def test_the_readme_probe_example_runs_as_written(prompt_run, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused_naming_the_difference(prompt_run):
-    result = collect(prompt_run, "--positions", "prompt", "--savepoints", LAYER, "--max-tokens", "2",
+    result = collect(prompt_run, "--positions", "prompt", "--layers", "1", "--max-tokens", "2",
                      "--dtype", "bfloat16", "--resume", "--host", "127.0.0.1", "--port", "9")
     assert result.returncode == 2, result.stderr
     assert "--resume would mix settings" in result.stderr
@@ -106,9 +106,18 @@ def test_a_client_error_every_request_repeats_stops_the_run(tmp_path):
         assert result.stderr.count("the server refused the request") == 1, result.stderr
         assert "model.layers[99]" in result.stderr and "stopped" in result.stderr
         assert "--resume" not in result.stderr
+        # No row, so no settings.json (issue 22): the successful run into the same directory writes its own.
+        assert not (out / "settings.json").exists() and not (out / "manifest.jsonl").read_text().strip()
+        again = collect(out, "--url", server.url, "--layers", "1", "--max-tokens", "2", "--limit", "1")
+        assert again.returncode == 0, again.stderr
+        settings = json.loads((out / "settings.json").read_text())
+        assert settings["savepoints"] is None and settings["selectors"] == ["layer_1=model.layers[1]"], settings
+        assert load_run(out).savepoints == [LAYER]
+        with pytest.raises(KeyError, match=r"no savepoint 'layers1' .* it has \['layer_1'\]"):
+            load_run(out).last("layers1")
         # bfloat16 files load (numpy cannot read them itself) and match a float32 run within bf16 rounding.
         for dtype in ("float32", "bfloat16"):
-            done = collect(tmp_path / dtype, "--url", server.url, "--savepoints", LAYER, "--max-tokens", "3",
+            done = collect(tmp_path / dtype, "--url", server.url, "--layers", "1", "--max-tokens", "3",
                            "--limit", "2", "--dtype", dtype, "--format", "safetensors")
             assert done.returncode == 0, done.stderr
         wide, narrow = load_run(tmp_path / "float32"), load_run(tmp_path / "bfloat16")
@@ -120,7 +129,7 @@ def test_a_client_error_every_request_repeats_stops_the_run(tmp_path):
         # Two servers (here one, under two names) and two requests in flight each: one manifest, rows say who served.
         port = server.url.rsplit(":", 1)[1]
         both = collect(tmp_path / "both", "--url", server.url, "--url", f"http://localhost:{port}", "--concurrency",
-                       "2", "--savepoints", LAYER, "--max-tokens", "3", "--limit", "6", "--format", "safetensors")
+                       "2", "--layers", "1", "--max-tokens", "3", "--limit", "6", "--format", "safetensors")
         assert both.returncode == 0, both.stderr
         rows = [json.loads(line) for line in (tmp_path / "both" / "manifest.jsonl").read_text().splitlines()]
         assert sorted(r["id"] for r in rows) == [f"sample-{i:03d}" for i in range(6)]
@@ -132,8 +141,32 @@ def test_a_client_error_every_request_repeats_stops_the_run(tmp_path):
                                rtol=1e-4, atol=1e-4)
         first = by_id["sample-000"]
         assert first["prompt"] in first["prompt_text"] and first["prompt_text"] != first["prompt"]
+        _interrupted_run_ends_with_one_line_and_no_orphans(server, tmp_path / "interrupted")
     finally:
         server.stop()
+
+
+def _interrupted_run_ends_with_one_line_and_no_orphans(server, out: Path) -> None:
+    """Ctrl-C (SIGINT) once a row is in: exit 130, one line with the resume hint, no traceback, no orphan files."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "capture_conformance.harness.tools.collect", "--input", SAMPLE,
+                             "--out", str(out), "--url", server.url, "--layers", "1", "--max-tokens", "48",
+                             "--concurrency", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    manifest = out / "manifest.jsonl"
+    deadline = time.monotonic() + 300
+    while not (manifest.is_file() and manifest.read_text().strip()):  # until the first row is on disk
+        assert proc.poll() is None and time.monotonic() < deadline, "the collection ended before any row"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted;" in stderr and "--resume" in stderr, stderr
+    kept = {json.loads(line)["id"] for line in manifest.read_text().splitlines()}
+    assert 0 < len(kept) < 24
+    on_disk = {d.name for d in (out / "files").iterdir()}
+    assert on_disk <= kept, f"files of problems with no row: {sorted(on_disk - kept)}"
 
 
 def _png_height(path: Path) -> int:

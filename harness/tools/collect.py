@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: Path, settings_path: Path,
              settings: dict) -> int:
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    from concurrent.futures import ThreadPoolExecutor
 
     from capture_conformance.harness.protocol.probe import probe_capture_server
 
@@ -305,49 +306,38 @@ def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: P
         except LookupError as exc:
             print(f"capture-collect: --layers: cannot tell the model's block stack: {exc}", file=sys.stderr)
             return 2
-    if not settings_path.exists():
-        # The selectors as sent (``--layers`` resolved) go with the settings, for whoever reads the run.
-        _write_atomically(settings_path, (json.dumps({**settings, "selectors": args.savepoints}, indent=2)
-                                          + "\n").encode())
+    # Written with the first row (a run that fails before it leaves none, and a stale file from such a
+    # run is replaced): settings.json always describes the rows present. The selectors as sent (``--layers``
+    # resolved) go with it, for whoever reads the run.
+    settings_text = (json.dumps({**settings, "selectors": args.savepoints}, indent=2) + "\n").encode()
+    settings_written = bool(done)
     renderer = _PromptText(args.model)
     todo = [p for p in problems if p["id"] not in done]
     print(f"capture-collect: {len(problems)} problems, {len(problems) - len(todo)} done already, {len(todo)} to go"
-          + (f", {len(urls)} servers x {args.concurrency} in flight" if len(urls) > 1 or args.concurrency > 1 else ""),
+          + (f", {len(urls)} server{'s' if len(urls) > 1 else ''} x {args.concurrency} in flight"
+             if len(urls) > 1 or args.concurrency > 1 else ""),
           file=sys.stderr)
     progress = _progress(len(todo))
-    failures = 0
-    refused: str | None = None
     queue = list(reversed(todo))
     slots = [client for client in clients for _ in range(args.concurrency)]
-    with manifest.open("a") as out, ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        running = {}
-        while queue or running:
-            while queue and slots and refused is None:
-                client, problem = slots.pop(), queue.pop()
-                future = pool.submit(collect_one, client, problem, args, args.out / "files")
-                running[future] = (client, problem)
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                client, problem = running.pop(future)
-                slots.append(client)
-                try:
-                    record = future.result()
-                except RequestRefused as exc:
-                    if refused is None:
-                        refused = f"{problem['id']}: the server refused the request: {exc}"
-                    continue
-                except ServerFault as exc:
-                    failures += 1
-                    print(f"\ncapture-collect: {problem['id']}: {exc}", file=sys.stderr)
-                    progress.update(1)
-                    continue
-                record["prompt_text"] = renderer.text(record.get("prompt_token_ids"))
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-                os.fsync(out.fileno())  # a line that is there survives an interruption
-                progress.update(1)
+    pool = ThreadPoolExecutor(max_workers=len(slots))
+    running: dict = {}
+    try:
+        with manifest.open("a") as out:
+            written = _run_queue(args, pool, queue, slots, running, out, renderer, progress, settings_path,
+                                 settings_text, settings_written)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"\ncapture-collect: interrupted; {len(done_ids(manifest))} problems are in {manifest}: rerun with "
+              f"--resume to continue", file=sys.stderr)
+        pool.shutdown(wait=True, cancel_futures=True)  # the requests in flight end (a second Ctrl-C kills them)
+        kept = done_ids(manifest)
+        for _, problem in running.values():  # their files, if any, belong to no row: no orphans
+            if problem["id"] not in kept:
+                shutil.rmtree(args.out / "files" / _safe_component(problem["id"]), ignore_errors=True)
+        return 130
+    pool.shutdown()
+    failures, refused = written
     progress.close()
     if refused is not None:
         print(f"capture-collect: {refused}\n"
@@ -360,6 +350,46 @@ def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: P
           + (f" ({failures} failed, rerun with --resume)" if failures else ""))
     return 1 if failures else 0
 
+
+
+def _run_queue(args, pool, queue: list, slots: list, running: dict, out, renderer, progress, settings_path: Path,
+               settings_text: bytes, settings_written: bool) -> tuple[int, str | None]:
+    """Keep every slot busy until the queue is done; append each row as it finishes. -> (failures, refusal)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    failures = 0
+    refused: str | None = None
+    while queue or running:
+        while queue and slots and refused is None:
+            client, problem = slots.pop(), queue.pop()
+            future = pool.submit(collect_one, client, problem, args, args.out / "files")
+            running[future] = (client, problem)
+        if not running:
+            break
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            client, problem = running.pop(future)
+            slots.append(client)
+            try:
+                record = future.result()
+            except RequestRefused as exc:
+                if refused is None:
+                    refused = f"{problem['id']}: the server refused the request: {exc}"
+                continue
+            except ServerFault as exc:
+                failures += 1
+                print(f"\ncapture-collect: {problem['id']}: {exc}", file=sys.stderr)
+                progress.update(1)
+                continue
+            if not settings_written:
+                _write_atomically(settings_path, settings_text)
+                settings_written = True
+            record["prompt_text"] = renderer.text(record.get("prompt_token_ids"))
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # a line that is there survives an interruption
+            progress.update(1)
+    return failures, refused
 
 class _PromptText:
     """The chat-rendered prompt as text, from its ids, with the model's tokenizer when it is available locally."""

@@ -59,9 +59,15 @@ class CollectedRun:
     def savepoints(self) -> list[str]:
         return list(self.arrays)
 
+    def _items(self, savepoint: str) -> list[np.ndarray]:
+        try:
+            return self.arrays[savepoint]
+        except KeyError:
+            raise KeyError(f"no savepoint {savepoint!r} in {self.directory}; it has {self.savepoints}") from None
+
     def padded(self, savepoint: str) -> tuple[np.ndarray, np.ndarray]:
         """``[R, T_max, D]`` zero-padded on the right, and the ``[R, T_max]`` mask of real positions."""
-        items = self.arrays[savepoint]
+        items = self._items(savepoint)
         longest = max(a.shape[0] for a in items)
         out = np.zeros((len(items), longest, *items[0].shape[1:]), dtype=np.float32)
         mask = np.zeros((len(items), longest), dtype=bool)
@@ -72,7 +78,7 @@ class CollectedRun:
 
     def last(self, savepoint: str) -> np.ndarray:
         """``[R, D]``: each row's last captured position (with ``--positions prompt``: the prompt's last token)."""
-        return np.stack([a[-1] for a in self.arrays[savepoint]])
+        return np.stack([a[-1] for a in self._items(savepoint)])
 
     def to_numpy(self, out_dir: str | Path) -> Path:
         """One ``.npz`` per savepoint (values, mask) plus ``rows.json``; returns the directory."""
