@@ -56,6 +56,16 @@ def test_the_registry_covers_every_fault_the_issue_names():
     assert len(set(ISSUE_FAULTS.values())) == 18
 
 
+def test_the_readme_counts_the_faults_there_are():
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    said = re.search(r"proven against (\d+) realistic injected faults", readme)
+    assert said and int(said.group(1)) == len(FAULTS), f"README says {said and said.group(1)}, faults.py has {len(FAULTS)}"
+    families = re.search(r"in each of (\w+) architecture families", readme).group(1)
+    assert families == {9: "nine"}.get(len(BUILTIN_IDS), str(len(BUILTIN_IDS))), (families, BUILTIN_IDS)
+
+
 @pytest.mark.parametrize("name", sorted(FAULTS))
 def test_each_fault_lives_in_an_existing_suite_area(name):
     fault = FAULTS[name]
