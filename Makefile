@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup conformance test server bench clean
+.PHONY: setup conformance test matrix server bench clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,15 @@ $(STAMP): pyproject.toml
 conformance: setup
 	$(BIN)/capture-conformance --report-dir reports
 
-## All tests: the project's own tests and the conformance suites, two workers
-## (worksteal: an idle worker takes queued tests from the busy one, so the run ends together).
+## The tests: the project's own and the conformance suites, two workers (worksteal: an idle
+## worker takes queued tests from the busy one, so the run ends together), all but the matrix.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not matrix" $(PYTEST_ARGS)
+
+## The matrix: one whole conformance run per case - every injected fault must be caught in its
+## area (docs/kill-rate.md), every zoo family must conform. CI runs it after `make test`.
+matrix: setup
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m matrix $(PYTEST_ARGS)
 
 server: setup
 	$(BIN)/capture-server --port 8006

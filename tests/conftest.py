@@ -15,6 +15,13 @@ from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID, ensure_tiny_m
 from capture_conformance.harness.protocol.client import chat_body as library_chat_body
 from capture_conformance.harness.protocol.server import ManagedServer, free_port
 
+MATRIX_MARKER = ("matrix: a whole conformance run per case (the fault matrix, the zoo's families); "
+                 "`make matrix` runs them, `make test` the rest, CI both")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MATRIX_MARKER)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:

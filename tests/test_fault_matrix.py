@@ -102,6 +102,7 @@ def test_the_cases_run_offline_without_the_outer_pytest_identity(monkeypatch):
     assert not any(k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST")) for k in env), sorted(env)
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(CASE_TIMEOUT_S + 60)
 @pytest.mark.parametrize("case", [UNFAULTED, *FAULTS])
 def test_fault_matrix(case, tiny_model_dir, tmp_path):
@@ -132,6 +133,7 @@ STRUCTURAL = "last_layer_after_norm+layer_from_next"
 ZOO_OTHERS = [m for m in BUILTIN_IDS if m != TINY_MODEL_ID]
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(CASE_TIMEOUT_S + 60)
 @pytest.mark.parametrize("family", ZOO_OTHERS)
 def test_a_neighbouring_block_and_a_last_block_after_the_final_norm_are_named_in_every_family(family, tmp_path):

@@ -36,6 +36,7 @@ def _conformance(server: ServerProcess, family: str, workdir: Path) -> tuple[sub
     return result, json.loads(path.read_text())
 
 
+@pytest.mark.matrix
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("family", ZOO_IDS)
 def test_the_reference_server_serving_each_family_conforms_and_collects_with_discovered_layers(family, tmp_path):
