@@ -147,12 +147,18 @@ def test_the_light_install_runs_the_suites_against_a_host(light_venv, reference_
     assert (report_dir / "conformance-report.html").is_file()
 
     # What the docs say happens without transformers: the tokenizer checks and the value comparisons are
-    # skipped with the reason, shown in the table, never claimed as passed. Nothing else is skipped.
+    # skipped with the reason, shown in the table, never claimed as passed; and, the savepoints being read
+    # off the server's list (no module tree without torch), the one comparison of the alias `logits` with
+    # the head's module, which that list cannot name. Nothing else is skipped.
     tests = report["tests"]
     skipped = [t for t in tests if t["outcome"] == "skipped"]
-    assert {t["area"] for t in skipped} == {"chat", "values"}, skipped
+    assert {t["area"] for t in skipped} == {"chat", "values", "savepoints"}, skipped
+    assert report["layout"]["independent"] is False and report["layout"]["blocks"] == "model.layers", report["layout"]
     for test in skipped:
-        if test["area"] == "chat":
+        if test["area"] == "savepoints":
+            assert test["nodeid"].endswith("test_logits_alias_equals_the_head_module"), test
+            assert "which module is the head is not known" in test["message"], test
+        elif test["area"] == "chat":
             assert "not verifiable without the model's tokenizer" in test["message"], test
             assert "transformers is not installed (light install)" in test["message"], test
         else:
