@@ -56,8 +56,18 @@ class Message(BaseModel):
 
 class NamedSavepoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # A name is the last segment of the file's URL: `.` and `..` would be removed by every HTTP client
+    # (RFC 3986 dot segments), so a file under such a name could never be downloaded.
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\[\]\-]+$")
     selector: Text = Field(min_length=1, max_length=256)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_dot_segment(cls, name: str) -> str:
+        if name in (".", ".."):
+            raise ValueError(f"a savepoint name cannot be {name!r}: it is its file's URL segment, which HTTP "
+                             f"clients remove")
+        return name
 
 
 class CaptureOptions(BaseModel):

@@ -62,6 +62,9 @@ STRICT = [
     ("temperature true", "\"temperature\": true", "temperature"),
     ("temperature '0.5'", "\"temperature\": \"0.5\"", "temperature"),
     ("include_usage 'true'", "\"stream_options\": {\"include_usage\": \"true\"}", "include_usage"),
+    # A name is a URL path segment: clients remove `.` and `..` segments, so those files could never be fetched.
+    ("savepoint named '..'", "\"capture\": {\"savepoints\": [{\"name\": \"..\", \"selector\": \"logits\"}]}", "name"),
+    ("savepoint named '.'", "\"capture\": {\"savepoints\": [{\"name\": \".\", \"selector\": \"logits\"}]}", "name"),
 ]
 SURROGATES = [
     ("model", '"model": "tiny\\ud800", "messages": [{"role": "user", "content": "hi"}]', "model"),
