@@ -51,7 +51,7 @@ router = APIRouter()
 serving = [Depends(ready)]
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what probes and `curl -I` send
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
     if not state.readiness.ready.is_set():

@@ -34,6 +34,9 @@ def test_every_endpoint_but_health_needs_the_key(guarded, headers, method, path)
 
 def test_the_right_key_opens_and_health_needs_none(guarded):
     assert guarded.get("/health").status_code == 200
+    # HEAD is what load balancers and `curl -I` probe with (issue 20: it was 405): the same status, no body.
+    head = guarded.head("/health")
+    assert head.status_code == 200 and head.content == b"", (head.status_code, head.content[:80])
     ok = guarded.post(CHAT, json=chat_body(max_tokens=2), headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200, ok.text
 
