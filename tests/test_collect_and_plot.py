@@ -117,3 +117,17 @@ def test_plot_writes_a_png_of_a_collected_problem_and_of_a_server_run(server, tm
         assert result.returncode == 0, result.stderr
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.parametrize("tool", ["collect", "plot", "soak", "savepoints"])
+def test_tool_help_is_plain_text_and_every_option_is_explained(tool):
+    result = subprocess.run([sys.executable, "-m", f"capture_conformance.harness.tools.{tool}", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "``" not in result.stdout, result.stdout  # reST markup of the docstring
+    # every option line of argparse's listing is followed by words (a help text), not the next option
+    lines = result.stdout.splitlines()
+    bare = [line.strip() for i, line in enumerate(lines)
+            if line.startswith("  --") and len(line.split()) == len(line.split("  ")[1].split())
+            and (i + 1 == len(lines) or lines[i + 1].lstrip().startswith("-") or not lines[i + 1].strip())]
+    assert not bare, f"options without help: {bare}"

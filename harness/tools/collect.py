@@ -31,6 +31,7 @@ from pathlib import Path
 from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
 from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.tensors import size_cap
+from capture_conformance.harness.tools import help_text
 
 SETTINGS_FILE = "settings.json"
 # A request refused with one of these may succeed later; any other 4xx will be refused for every problem.
@@ -184,18 +185,19 @@ def collect_one(client: CaptureClient, problem: dict, args, files_dir: Path) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capture-collect", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="capture-collect", description=help_text.summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="problems, JSONL: question, answer[, id]")
     parser.add_argument("--out", type=Path, required=True, help="output directory (manifest.jsonl, files/)")
     parser.add_argument("--host", action="append", default=None, metavar="HOST[:PORT]",
                         help="a capture server; repeat for several, each row records which one served it "
                              "(default: none given starts the bundled reference server)")
-    parser.add_argument("--port", type=int, default=8006)
+    parser.add_argument("--port", type=int, default=8006, help="port for a --host given without one (default: %(default)s)")
     parser.add_argument("--url", action="append", default=None, help="base URL; repeatable; overrides --host/--port")
     parser.add_argument("--concurrency", type=int, default=1, metavar="K",
                         help="requests in flight per server (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY"))
+    parser.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY"),
+                        help="the server's key (default: $CAPTURE_API_KEY; prefer it to this flag, which shows in ps)")
     parser.add_argument("--model", default="tiny-qwen3", help="model id on the server (default: %(default)s)")
     parser.add_argument("--savepoints", nargs="*", default=None,
                         help="selectors or name=selector pairs (default: the server's default, _logits)")
@@ -209,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generated steps [1,N,D], prompt positions [1,P,D], or both [1,P+N,D] "
                              "(protocol 1.1; default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s, greedy)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--format", choices=["pt", "safetensors"], default="safetensors")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="capture dtype (default: %(default)s)")
+    parser.add_argument("--format", choices=["pt", "safetensors"], default="safetensors",
+                        help="file format (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="per problem (default: %(default)s)")
     parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="with {question} (default: %(default)r)")
     parser.add_argument("--limit", type=int, help="only the first N problems")
     parser.add_argument("--resume", action="store_true", help="skip problems already in the manifest; refused when its settings.json differs from these options")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from capture_conformance.harness.protocol.tensors import load_tensor_file
+from capture_conformance.harness.tools import help_text
 
 LOGIT_NAMES = ("_logits", "logits", "lm_head", "lm_head.output")
 MAX_TOKEN_LABELS = 48  # more labels than this are unreadable: the axis then shows positions
@@ -239,7 +240,7 @@ def plot_collection(directory: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="capture-plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="capture-plot", description=help_text.summary(__doc__))
     parser.add_argument("run", type=Path,
                         help="directory of one run's tensor files, or a whole capture-collect output directory")
     parser.add_argument("--out", type=Path, help="PNG to write (default: RUN/run.png)")

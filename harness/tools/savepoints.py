@@ -19,6 +19,7 @@ import json
 import sys
 
 from capture_conformance.harness.protocol.layout import Layout, discover_layout
+from capture_conformance.harness.tools import help_text
 
 ROLES = ("blocks", "attention", "mlp", "down_proj", "block_norm", "final_norm", "embeddings", "head")
 
@@ -42,11 +43,11 @@ def layout_for(model: str, url: str | None = None, api_key: str | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="capture-savepoints", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(prog="capture-savepoints", description=help_text.summary(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text.details(__doc__))
     parser.add_argument("model", nargs="+", help="built-in id, local model directory, or a hub id in the local cache")
     parser.add_argument("--url", help="read the server's capture.savepoints for MODEL instead (not independent)")
-    parser.add_argument("--api-key")
+    parser.add_argument("--api-key", help="the server's key, with --url, if it has one")
     parser.add_argument("--json", action="store_true", help="the whole layout as JSON")
     parser.add_argument("--markdown", action="store_true", help="one Markdown table row per model")
     args = parser.parse_args(argv)

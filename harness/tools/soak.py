@@ -34,6 +34,7 @@ from capture_conformance.harness.protocol.ground_truth import locate_model_dir
 from capture_conformance.harness.protocol.layout import Layout, discover_layout
 from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.runs import CaptureRuns
+from capture_conformance.harness.tools import help_text
 
 PROMPTS = [
     "Tell me a short story about a fox.",
@@ -236,14 +237,14 @@ def _check_files(client: CaptureClient, model: str, result: SoakResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capture_conformance.harness.tools.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capture_conformance.harness.tools.soak", description=help_text.summary(__doc__))
     parser.add_argument("--url", required=True, help=f"base URL of the server, e.g. http://127.0.0.1:{DEFAULT_PORT}")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2000, help="requests in all (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=8, help="requests in flight (default: %(default)s)")
     parser.add_argument("--model", default=TINY_MODEL_ID, help="model id on the server (default: %(default)s)")
     parser.add_argument("--storage-dir", type=Path, help="the server's storage directory, to count runs on disk")
     parser.add_argument("--pid", type=int, help="the server's pid, to read its resident memory")
-    parser.add_argument("--api-key")
+    parser.add_argument("--api-key", help="the server's key, if it has one")
     args = parser.parse_args(argv)
     try:
         layout = discover_soak_layout(args.url, args.model, args.api_key)
