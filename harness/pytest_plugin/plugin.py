@@ -78,10 +78,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if options.launch and "{port}" not in options.launch:
         raise pytest.UsageError("--launch needs '{port}' in the command, where the server's port goes")
     if hasattr(config.option, "disable_unused_snapshots") and run_targets_suites(config):
-        # Which shape snapshots a run uses depends on the profile, the model and -k; syrupy's
-        # unused-snapshot accounting (worse under xdist) would fail, or with --snapshot-update
-        # delete, the sets of tests that merely did not run. Obsolete files are removed by hand.
+        # The suites' snapshots are the harness's own (snapshots.py); only syrupy's option name,
+        # --snapshot-update, is borrowed, and it is parsed by now. Syrupy itself would count every
+        # shipped set as unused (failing the run, or deleting them with --snapshot-update) and print
+        # its summary into every report, so it is switched off for the run.
         config.option.disable_unused_snapshots = True
+        config.pluginmanager.set_blocked("syrupy")
     if config.getoption("conformance_report") and not is_xdist_worker(config):
         from capture_conformance.harness.pytest_plugin.report import REPORT_PLUGIN, ConformanceReport
 
