@@ -199,6 +199,11 @@ class CaptureClient:
     def models(self) -> Answer:
         return self.get("/v1/models")
 
+    def listed_savepoints(self, model: str) -> list | None:
+        """``capture.savepoints`` of ``model`` in ``/v1/models`` (the server's word), or None when not a list."""
+        listed = (self.capture_block(model) or {}).get("savepoints")
+        return listed if isinstance(listed, list) else None
+
     def capture_block(self, model: str) -> dict | None:
         """``/v1/models``' ``capture`` object of ``model`` (sizes, dtype, savepoints, features), or None.
 

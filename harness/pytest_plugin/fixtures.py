@@ -119,13 +119,8 @@ def model_layout(ground_truth: GroundTruth, capture_client: CaptureClient, captu
     From the local model's module tree where there is one, else the server's own
     ``capture.savepoints`` list (reported as not independent).
     """
-    def server_list() -> list | None:
-        block = capture_client.capture_block(capture_model) or {}
-        listed = block.get("savepoints")
-        return listed if isinstance(listed, list) else None
-
     try:
-        layout = discover_layout(ground_truth.model_dir, server_list)
+        layout = discover_layout(ground_truth.model_dir, lambda: capture_client.listed_savepoints(capture_model))
     except LookupError as exc:
         _record_fact(pytestconfig, "layout", {"error": str(exc)})
         pytest.fail(f"cannot tell which savepoints {capture_model} has: {exc}; give the harness a local copy of the "

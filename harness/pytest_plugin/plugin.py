@@ -145,11 +145,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(f"--area: unknown area(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
     dialect = _known_dialect(config, options) if any(item.get_closest_marker("dialect") for item in items) else None
     keep, drop = [], []
+    order = {area.name: index for index, area in enumerate(AREAS)}
+    rank: dict[int, int] = {}  # suite item -> its area's place in AREAS
     for item in items:
         if not is_suite_item(item):
             keep.append(item)
             continue
         area = _declared_area(item)
+        rank[id(item)] = order.get(area, len(order))
         item.user_properties.append((AREA_PROPERTY, area))
         level = "smoke" if item.get_closest_marker("smoke") else "full" if item.get_closest_marker("full") else "core"
         excluded = (
@@ -166,9 +169,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Areas run in the order of AREAS (health first: a server that is not up fails there, once, and
     # `-x` stops before a hundred failures that all mean "not up"); the sort is stable, so tests keep
     # their order within an area and module-scoped fixtures are set up once.
-    order = {area.name: index for index, area in enumerate(AREAS)}
-    suite_rank = {id(item): order.get(_declared_area(item), len(order)) for item in keep if is_suite_item(item)}
-    items[:] = sorted(keep, key=lambda item: suite_rank.get(id(item), -1))
+    items[:] = sorted(keep, key=lambda item: rank.get(id(item), -1))
 
 
 # The protocol library signals "the target lacks this" with FeatureMissing (it imports no pytest):

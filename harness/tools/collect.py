@@ -118,16 +118,9 @@ def parse_savepoints(values: list[str]) -> list:
 
 def layer_savepoints(args, client: CaptureClient) -> list[str]:
     """``--layers`` as ``layer_I=<block I>`` over the discovered block stack, after ``--savepoints``."""
-    from capture_conformance.harness.protocol.ground_truth import locate_model_dir
-    from capture_conformance.harness.protocol.layout import discover_layout
+    from capture_conformance.harness.tools.savepoints import model_layout
 
-    local = locate_model_dir(args.model)
-
-    def server_list() -> list | None:
-        listed = (client.capture_block(args.model) or {}).get("savepoints")
-        return listed if isinstance(listed, list) else None
-
-    layout = discover_layout(str(local) if local else None, server_list)
+    layout = model_layout(args.model, client)
     out = list(args.savepoints or [])
     for index in args.layers:
         if not -layout.num_blocks <= index < layout.num_blocks:

@@ -17,29 +17,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from capture_conformance.harness.protocol.layout import Layout, discover_layout
+
+if TYPE_CHECKING:
+    from capture_conformance.harness.protocol.client import CaptureClient
 from capture_conformance.harness.tools import help_text
 
 ROLES = ("blocks", "attention", "mlp", "down_proj", "block_norm", "final_norm", "embeddings", "head")
 
 
-def layout_for(model: str, url: str | None = None, api_key: str | None = None) -> Layout:
-    """The model's layout: from its local copy, else (with ``url``) from the server's list."""
+def model_layout(model: str, client: "CaptureClient | None" = None, *, local: bool = True) -> Layout:
+    """The tools' one way to a model's layout: its local copy (``local``), else ``client``'s server's list."""
     from capture_conformance.harness.protocol.ground_truth import locate_model_dir
 
-    local = locate_model_dir(model) if url is None else None
-    server_list = None
-    if url is not None:
-        from capture_conformance.harness.protocol.client import CaptureClient
+    found = locate_model_dir(model) if local else None
+    server_list = (lambda: client.listed_savepoints(model)) if client is not None else None
+    return discover_layout(str(found) if found else None, server_list)
 
-        client = CaptureClient(url, api_key=api_key, timeout_s=30)
 
-        def server_list() -> list | None:
-            listed = (client.capture_block(model) or {}).get("savepoints")
-            return listed if isinstance(listed, list) else None
+def layout_for(model: str, url: str | None = None, api_key: str | None = None) -> Layout:
+    """The model's layout: from its local copy, or (with ``url``) from that server's list instead."""
+    if url is None:
+        return model_layout(model)
+    from capture_conformance.harness.protocol.client import CaptureClient
 
-    return discover_layout(str(local) if local else None, server_list)
+    return model_layout(model, CaptureClient(url, api_key=api_key, timeout_s=30), local=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,11 +30,11 @@ from pathlib import Path
 from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 from capture_conformance.harness.protocol.checks import expect_tensor_matches_meta, expect_token_counts
 from capture_conformance.harness.protocol.client import DEFAULT_PORT, CaptureClient, chat_body
-from capture_conformance.harness.protocol.ground_truth import locate_model_dir
-from capture_conformance.harness.protocol.layout import Layout, discover_layout
+from capture_conformance.harness.protocol.layout import Layout
 from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.runs import CaptureRuns
 from capture_conformance.harness.tools import help_text
+from capture_conformance.harness.tools.savepoints import model_layout
 
 PROMPTS = [
     "Tell me a short story about a fox.",
@@ -122,14 +122,7 @@ def _rss_mb(pid: int | None) -> float | None:
 
 def discover_soak_layout(url: str, model: str, api_key: str | None = None) -> Layout:
     """The model's savepoints: from its local copy, else from the server's ``capture.savepoints``."""
-    local = locate_model_dir(model)
-    probe = CaptureClient(url, api_key=api_key, timeout_s=30)
-
-    def server_list() -> list | None:
-        listed = (probe.capture_block(model) or {}).get("savepoints")
-        return listed if isinstance(listed, list) else None
-
-    return discover_layout(str(local) if local else None, server_list)
+    return model_layout(model, CaptureClient(url, api_key=api_key, timeout_s=30))
 
 
 def run_soak(url: str, total: int = 300, threads: int = 8, model: str = TINY_MODEL_ID, layout: Layout | None = None,
