@@ -21,7 +21,7 @@ from .admission import CaptureBudget, default_budget_bytes
 from .errors import CaptureError, error_body
 from .guards import ApiKeyGuard, BodySizeLimit
 from .input_rules import json_safe, validation_detail
-from .registry import ModelRegistry
+from .registry import LoadPolicy, ModelRegistry
 from .routes import ACTIVATION_ROUTE, PROTOCOL_VERSION, router
 from .service import CaptureService
 from .settings import Settings
@@ -47,7 +47,9 @@ def create_app(
     owns_registry = registry is None  # shut down only what this app made
     registry = registry or ModelRegistry(device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch,
                                          max_batch_tokens=settings.max_batch_tokens,
-                                         max_loaded=settings.max_loaded_models)
+                                         max_loaded=settings.max_loaded_models,
+                                         policy=LoadPolicy(settings.allow_load, allow_any=settings.allow_any_load,
+                                                           startup=settings.model))
     store = store or RunStore(
         settings.storage_dir,
         max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),
@@ -68,6 +70,9 @@ def create_app(
         try:
             if settings.model:
                 registry.load(settings.model)
+                registry.pin(settings.model)  # the startup model cannot be unloaded
+            if registry.policy is not None:
+                log.info("load policy: %s", registry.policy.describe())
             if settings.capture_budget_mb is None:
                 # After loading: a model on the CPU takes its share of the memory first.
                 limit, how = default_budget_bytes()

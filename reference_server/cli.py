@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 from capture_conformance.fixtures.zoo import BUILTIN_IDS
 
+from .guards import LOOPBACK_BINDS, LoopbackHostGuard
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -46,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "a request that would take a batch past it waits for the next one; a single request "
                              "over it runs alone (default: %(default)s)")
     parser.add_argument("--max-loaded-models", type=int, default=4,
-                        help="most models loaded at once; /models/load beyond it is 409 (default: %(default)s)")
+                        help="most models loaded at once; /models/load beyond it is 409, POST /models/unload frees "
+                             "a slot (default: %(default)s)")
+    parser.add_argument("--allow-load", action="append", default=[], metavar="PATH_OR_ID",
+                        help="a model id or local directory that POST /models/load may open (repeatable); a "
+                             "directory allows every directory below it. Always allowed: the startup model and the "
+                             "built-in tiny models (built locally, no network). Anything else is 403")
+    parser.add_argument("--allow-any-load", action="store_true",
+                        help="let POST /models/load open ANY local directory this process can read and any hub id "
+                             "(a download unless HF_HUB_OFFLINE=1): for a trusted client only")
     # One key variable for every tool; CAPTURE_SERVER_API_KEY is the older name, still read.
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY") or os.environ.get("CAPTURE_SERVER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (the scheme in any case) on every endpoint but "
@@ -91,6 +100,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         capture_budget_mb=args.capture_budget_mb,
         max_storage_mb=args.max_storage_mb,
         storage_policy=args.storage_policy,
+        allow_load=tuple(args.allow_load),
+        allow_any_load=args.allow_any_load,
     )
 
 
@@ -105,6 +116,10 @@ def serve(settings: Settings, app_factory: Callable[..., FastAPI] | None = None)
         logging.getLogger("capture-server").warning(
             "bound to all interfaces (%s) without --api-key: anyone who can reach this port can run the model "
             "and fill the disk", settings.host or "*")
+    if settings.allow_any_load:
+        logging.getLogger("capture-server").warning(
+            "--allow-any-load: POST /models/load opens ANY local directory this process can read and any hub id "
+            "(a download unless HF_HUB_OFFLINE=1)%s", "" if settings.api_key else ", for any client: no --api-key")
     import uvicorn
 
     from .app import create_app
@@ -118,6 +133,8 @@ def serve(settings: Settings, app_factory: Callable[..., FastAPI] | None = None)
             server.startup_failed_reason = reason
 
     app = (app_factory or create_app)(settings, on_startup_failure=stop_on_failure)
+    if not settings.api_key and settings.host in LOOPBACK_BINDS:
+        app = LoopbackHostGuard(app)  # a browser page on a rebound name must not reach a keyless local server
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     server = uvicorn.Server(config)
     server.startup_failed_reason = None

@@ -50,6 +50,42 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+LOOPBACK_HOSTS = {b"localhost", b"127.0.0.1", b"[::1]"}
+LOOPBACK_BINDS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _host_name(header: bytes) -> bytes:
+    """``Host`` without its port: ``[::1]:8006`` -> ``[::1]``, ``LocalHost.:80`` -> ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith(b"["):
+        return header.partition(b"]")[0] + b"]"
+    return header.rpartition(b":")[0].rstrip(b".") if b":" in header else header.rstrip(b".")
+
+
+class LoopbackHostGuard:
+    """421 unless ``Host`` names the loopback: a keyless server bound to 127.0.0.1 against DNS rebinding.
+
+    A page in a browser can resolve its own name to 127.0.0.1 and then talk to a
+    local server as a same-origin site, but its requests carry that name in
+    ``Host``. Only localhost, 127.0.0.1 and [::1] (any port) are served; a request
+    without ``Host`` (HTTP/1.0, no browser) passes.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host")
+            if host is not None and _host_name(host) not in LOOPBACK_HOSTS:
+                shown = host[:100].decode("latin-1")
+                await _send_error(send, 421, f"Host {shown!r} is not served: this server has no --api-key and is "
+                                             "bound to the loopback, so only Host localhost, 127.0.0.1 or [::1] "
+                                             "(any port) is answered (DNS rebinding)")
+                return
+        await self.app(scope, receive, send)
+
+
 class BodySizeLimit:
     """413 naming the limit when a request body is larger than ``max_bytes``."""
 

@@ -22,7 +22,7 @@ from typing import Callable, TypeVar
 
 from capture_conformance.fixtures.tiny_model import resolve_model_path
 
-from .errors import Conflict, NotFound
+from .errors import Conflict, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +47,7 @@ class ModelWorker:
         self._jobs: deque[_Job] = deque()
         self._wakeup = threading.Condition()
         self._stopped = False
+        self._draining = False  # set by drain(): the queue is served, then the thread ends
         self.batches_run: list[int] = []  # sizes of the batches served, newest last (bounded)
         self._thread = threading.Thread(target=self._serve, name=f"model-{model.model_id}", daemon=True)
         self._thread.start()
@@ -61,8 +62,8 @@ class ModelWorker:
 
     async def _submit(self, job: "_Job"):
         with self._wakeup:
-            if self._stopped:
-                raise RuntimeError("model worker is shut down")
+            if self._stopped or self._draining:
+                raise NotFound(f"model {self.model.model_id!r} is being unloaded")
             self._jobs.append(job)
             self._wakeup.notify()
         try:
@@ -76,9 +77,9 @@ class ModelWorker:
 
     def _take_batch(self) -> list["_Job"]:
         with self._wakeup:
-            while not self._jobs and not self._stopped:
+            while not self._jobs and not self._stopped and not self._draining:
                 self._wakeup.wait()
-            if self._stopped:
+            if self._stopped or not self._jobs:  # stopped, or drained to the end
                 return []
             first = self._jobs.popleft()
             batch = [first]
@@ -117,6 +118,12 @@ class ModelWorker:
             self._jobs.clear()
             self._wakeup.notify_all()
 
+    def drain(self) -> None:
+        """Refuse new jobs, serve those queued, then end the thread (an unload: nobody's request is cut)."""
+        with self._wakeup:
+            self._draining = True
+            self._wakeup.notify_all()
+
 
 def padded_tokens(jobs: list["_Job"]) -> int:
     """What one generate over these jobs holds: rows x (longest prompt + longest max_tokens)."""
@@ -132,11 +139,63 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+class LoadPolicy:
+    """Which models ``POST /models/load`` may open (issue 20: loading by request was an open door).
+
+    Allowed: the startup model; the built-in tiny models (``tiny-qwen3`` and the zoo's
+    ids: built locally from code on first use, they never read an operator's files
+    nor reach the network); every id or directory the operator listed with
+    ``--allow-load`` (a listed directory allows itself and every directory below it,
+    compared after symlinks, ``..`` and ``//`` are resolved, so no spelling escapes it);
+    anything with ``--allow-any-load``. A refused path answers the same 403 whether it
+    exists or not (only a path below a listed directory is looked at).
+    """
+
+    def __init__(self, allowed: tuple[str, ...] = (), *, allow_any: bool = False, startup: str | None = None):
+        from capture_conformance.fixtures.zoo import BUILTIN_IDS
+
+        self.allow_any = allow_any
+        self.ids = {*allowed, *BUILTIN_IDS, *([startup] if startup else [])}
+        # The operator's listed directories (read at start: the operator's own files).
+        self.roots = [os.path.realpath(entry) for entry in allowed if _local_dir(entry) is not None]
+
+    def describe(self) -> str:
+        """What the policy opens, for the start-up log."""
+        if self.allow_any:
+            return ("--allow-any-load: POST /models/load opens ANY local directory this process can read and any "
+                    "hub id (network unless HF_HUB_OFFLINE=1)")
+        from capture_conformance.fixtures.zoo import BUILTIN_IDS
+
+        listed = sorted(self.ids - set(BUILTIN_IDS))
+        return (f"POST /models/load opens the built-in tiny models and {listed or 'nothing else'} "
+                "(--allow-load, --allow-any-load to open anything)")
+
+    def check(self, model_id: str) -> None:
+        if self.allow_any or model_id in self.ids:
+            return
+        if self.roots:
+            resolved = _local_dir(model_id)  # None unless an existing directory: no hub id passes as a path
+            if resolved is not None and any(resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep)
+                                            for root in self.roots):
+                return
+        raise Forbidden(f"loading {model_id!r} is not allowed: this server loads by request only its startup model, "
+                        "the built-in tiny models and the ids or directories (with what is below them) its operator "
+                        "listed with --allow-load, or anything with --allow-any-load")
+
+
 class ModelRegistry:
-    """Model id -> worker. Loading is serialised; a failed load changes nothing."""
+    """Model id -> worker. Loading is serialised; a failed load changes nothing.
+
+    ``policy`` (a LoadPolicy) decides what ``load`` may open; None opens anything (a
+    registry made by a test or a tool; the app gives the server's policy). Pinned models
+    (the startup model) cannot be unloaded.
+    """
 
     def __init__(self, device: str = "auto", dtype: str = "auto", loader: Callable | None = None,
-                 max_batch: int | None = None, max_batch_tokens: int = 8192, max_loaded: int = 4):
+                 max_batch: int | None = None, max_batch_tokens: int = 8192, max_loaded: int = 4,
+                 policy: LoadPolicy | None = None):
+        self.policy = policy
+        self._pinned: set[str] = set()
         self.device = device
         self.dtype = dtype
         self.max_batch = max_batch
@@ -161,6 +220,8 @@ class ModelRegistry:
             path = _local_dir(resolve_model_path(model_id))
             if self.loaded_id(model_id) is not None or (path is not None and path in self._by_path):
                 return False
+            if self.policy is not None:
+                self.policy.check(model_id)  # after the no-op: any spelling of a loaded model stays a 200
             if len(self._workers) >= self.max_loaded:
                 raise Conflict(f"{len(self._workers)} models are loaded, the limit (--max-loaded-models); "
                                f"{model_id!r} was not loaded")
@@ -176,6 +237,26 @@ class ModelRegistry:
             if path is not None:
                 self._by_path[path] = model_id
             return True
+
+    def pin(self, model_id: str) -> None:
+        """Keep ``model_id`` loaded for good (the startup model): unload refuses it."""
+        loaded = self.loaded_id(model_id)
+        if loaded is not None:
+            self._pinned.add(loaded)
+
+    def unload(self, model_id: str) -> str:
+        """Unload a model loaded by request: new requests for it are 404 at once, queued ones are served first."""
+        with self._load_lock:
+            loaded = self.loaded_id(model_id)
+            if loaded is None:
+                raise NotFound(f"model {model_id!r} is not loaded (loaded: {sorted(self._workers)})")
+            if loaded in self._pinned:
+                raise Conflict(f"model {loaded!r} is the startup model (--model): it cannot be unloaded")
+            worker = self._workers.pop(loaded)
+            for path in [p for p, i in self._by_path.items() if i == loaded]:
+                del self._by_path[path]
+        worker.drain()  # its thread ends after the queued jobs; the model is freed with the last reference
+        return loaded
 
     def loaded_id(self, model_id: str) -> str | None:
         """The id ``model_id`` is loaded under (itself, or a directory's first spelling); None if not loaded."""

@@ -19,7 +19,7 @@ from starlette.background import BackgroundTask
 
 from .errors import CaptureError, NotReady, error_body
 from .registry import ModelRegistry
-from .schemas import ChatRequest, LoadRequest, PureRequest
+from .schemas import ChatRequest, LoadRequest, PureRequest, UnloadRequest
 from .service import CaptureService
 from .storage import RunStore
 
@@ -73,6 +73,13 @@ async def load_model(req: LoadRequest, models: ModelRegistry = Depends(registry)
     # Loading takes seconds to minutes: off the event loop.
     await anyio.to_thread.run_sync(models.load, req.model_id, req.device_map, req.dtype)
     return {"ok": True, "model": models.loaded_id(req.model_id) or req.model_id}
+
+
+@router.post("/models/unload", dependencies=serving)
+async def unload_model(req: UnloadRequest, models: ModelRegistry = Depends(registry)) -> dict:
+    # A model loaded by request; the startup model is 409. In a thread: it waits for a load in progress.
+    unloaded = await anyio.to_thread.run_sync(models.unload, req.model_id)
+    return {"ok": True, "model": unloaded}
 
 
 @router.post("/test_pure_nnsight", dependencies=serving)

@@ -112,6 +112,11 @@ class LoadRequest(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: Text = Field(min_length=1, max_length=512)
+
+
 class PureRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Text | None = None

@@ -29,3 +29,6 @@ class Settings:
     capture_budget_mb: float | None = None  # worst-case host memory of all captures in flight; None: half the available
     max_storage_mb: float | None = None  # retention limit of the storage directory
     storage_policy: str = "evict"  # over max_storage_mb: "evict" the oldest runs, or "refuse" (507)
+    # What POST /models/load may open besides the startup model and the built-in tiny models (registry.LoadPolicy).
+    allow_load: tuple[str, ...] = ()
+    allow_any_load: bool = False

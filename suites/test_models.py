@@ -73,7 +73,8 @@ def test_failed_load_is_4xx_and_the_old_model_keeps_serving(capture_client, capt
                                                            capture_features, model_id):
     capture_features.require("POST /models/load")  # a missing route's 404 is no "failed load"
     answer = capture_client.load_model(model_id)
-    assert answer.status in (404, 422), f"loading {model_id!r} should be 404 or 422: {answer.describe()}"
+    # 403: a server whose load policy does not open this id (protocol 1.2) refuses it as surely.
+    assert answer.status in (403, 404, 422), f"loading {model_id!r} should be 403, 404 or 422: {answer.describe()}"
     body = answer.json_object()
     assert "detail" in body, f"error body should be {{'detail': ...}}: {answer.describe()}"
     _still_serving(capture_client, capture_runs, capture_model, f"a failed load of {model_id!r}")

@@ -160,3 +160,26 @@ def test_openai_client_with_text_parts_and_a_developer_message_gets_a_capture(se
         client.chat.completions.create(model="tiny-qwen3", max_tokens=1, messages=[
             {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}])
     assert "'input_audio'" in caught.value.body["message"]
+
+
+def test_the_real_server_refuses_unlisted_loads_and_foreign_hosts(server_process):
+    """Issue 20 item 9, as users start it: no key, bound to 127.0.0.1, default load policy."""
+    url = server_process.url
+    refused = requests.post(url + "/models/load", json={"model_id": "/etc/passwd"}, timeout=30)
+    assert refused.status_code == 403 and "--allow-load" in refused.json()["detail"], refused.text
+    assert "load policy: POST /models/load opens the built-in tiny models" in server_process.log()
+    port = url.rsplit(":", 1)[1]
+    rebound = requests.get(url + "/v1/models", headers={"Host": f"attacker.example:{port}"}, timeout=10)
+    assert rebound.status_code == 421 and "DNS rebinding" in rebound.json()["detail"], rebound.text
+    assert requests.get(url + "/v1/models", headers={"Host": f"localhost:{port}"}, timeout=10).status_code == 200
+
+
+def test_help_says_what_loading_by_request_may_open():
+    import subprocess
+    import sys
+
+    text = subprocess.run([sys.executable, "-m", "capture_conformance.reference_server", "--help"],
+                          capture_output=True, text=True, timeout=60).stdout
+    flat = " ".join(text.split())
+    assert "--allow-load PATH_OR_ID" in flat and "built-in tiny models" in flat
+    assert "--allow-any-load" in flat and "ANY local directory" in flat and "hub id" in flat
