@@ -757,3 +757,54 @@ def _no_load_route(t: Target) -> None:
         if request.url.path == "/models/load":
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         return await call_next(request)
+
+
+# -- issue 19 --
+
+
+@fault("streamed_last_step_repeated", "streaming",
+       "streamed runs store the last step's values at every step (ids, shapes and the unstreamed runs right)")
+def _streamed_last_step_repeated(t: Target) -> None:
+    original = t.service._generate
+
+    async def generate(worker, prompt_ids, params, plan, options, on_token=None, **kw):
+        generation = await original(worker, prompt_ids, params, plan, options, on_token=on_token, **kw)
+        if on_token is not None:  # only a streamed request passes a token callback
+            generation.tensors = {n: x[:, -1:].expand_as(x).clone() for n, x in generation.tensors.items()}
+        return generation
+
+    t.service._generate = generate
+
+
+@fault("batch_prompt_padding_kept", "out_of_order",
+       "prompt-position captures of a request batched with a longer prompt keep the left padding "
+       "(zeros first, the prompt shifted right and its end cut)")
+def _batch_prompt_padding_kept(t: Target) -> None:
+    # What a batching server that forgets to strip the left padding of prompt rows stores: the request's
+    # P positions are read from the padded batch's first P columns. Seen by overlapping generations.
+    original = t.service._generate
+    in_flight: list[dict] = []
+
+    async def generate(worker, prompt_ids, params, plan, options, **kw):
+        mine = {"prompt": len(prompt_ids), "longest": len(prompt_ids)}
+        for other in in_flight:
+            other["longest"] = max(other["longest"], mine["prompt"])
+            mine["longest"] = max(mine["longest"], other["prompt"])
+        in_flight.append(mine)
+        try:
+            generation = await original(worker, prompt_ids, params, plan, options, **kw)
+        finally:
+            in_flight.remove(mine)
+        pad, prompt = mine["longest"] - mine["prompt"], mine["prompt"]
+        if pad and options.positions != "generated" and options.tokens == "all":
+            def padded(x):
+                y = x.clone()
+                y[:, :prompt] = 0
+                if pad < prompt:
+                    y[:, pad:prompt] = x[:, :prompt - pad]
+                return y
+
+            generation.tensors = {n: padded(x) for n, x in generation.tensors.items()}
+        return generation
+
+    t.service._generate = generate
