@@ -13,8 +13,17 @@ whatever the family calls its block stack; ``--resume`` skips the ids already do
 run made with other settings. Without ``--host``/``--url`` the bundled reference
 server is started for the run. ``capture_conformance.harness.tools.dataset.load_run(OUT)`` reads the result.
 
-    capture-collect --input fixtures/gsm8k_sample.jsonl --out runs/gsm \\
+A verified collection (docs/collections.md): each row records the size and sha256 of every
+file it wrote and the sha256 of settings.json; settings.json, written with the first row,
+adds a provenance block (model id, its revision or weights hash where known, model and
+capture dtype, each server's /health and /v1/models answers, protocol and tool versions,
+and the verdict of --conformance-report) and the first row's files.
+
+    capture-collect [collect] --input fixtures/gsm8k_sample.jsonl --out runs/gsm \\
         --layers 0 -1 [--savepoints logits] [--positions prompt] [--host H --port P] [--resume]
+        [--conformance-report conformance-report.json]
+    capture-collect verify RUN [--sizes-only]
+    capture-collect export RUN --to datasets|safetensors|numpy --out DIR
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -32,8 +42,14 @@ from capture_conformance.harness.protocol.client import CaptureClient, ServerFau
 from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.tensors import size_cap
 from capture_conformance.harness.tools import help_text
+from capture_conformance.harness.tools.manifest import (
+    SETTINGS_FILE,
+    file_record,
+    sha256_bytes,
+    sha256_file,
+)
 
-SETTINGS_FILE = "settings.json"
+SUBCOMMANDS = ("collect", "verify", "export")
 # A request refused with one of these may succeed later; any other 4xx will be refused for every problem.
 RETRYABLE_4XX = (408, 409, 425, 429)
 
@@ -156,7 +172,8 @@ def collect_one(client: CaptureClient, problem: dict, args, files_dir: Path) -> 
             run_dir.mkdir(parents=True, exist_ok=True)
             local = run_dir / f"{_safe_component(name)}.{meta.raw.get('format', args.format)}"
             _write_atomically(local, data)
-            entry["file"] = str(local.relative_to(files_dir.parent))
+            # what was written, hashed from the bytes in hand: verify and load_run check the files against it
+            entry.update(file_record(str(local.relative_to(files_dir.parent)), data))
         activations[name] = entry
     if args.download and args.delete_remote and body.get("activation_run_id"):
         client.delete(f"/v1/activations/{body['activation_run_id']}")  # every file is on disk by now
@@ -178,8 +195,12 @@ def collect_one(client: CaptureClient, problem: dict, args, files_dir: Path) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capture-collect", description=help_text.summary(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="capture-collect", description=help_text.summary(__doc__),
+        epilog="subcommands ('collect', these options, is the default):\n"
+               "  capture-collect verify RUN       check every row and file of a run (verify --help)\n"
+               "  capture-collect export RUN --to datasets|safetensors|numpy --out DIR   (export --help)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="problems, JSONL: question, answer[, id]")
     parser.add_argument("--out", type=Path, required=True, help="output directory (manifest.jsonl, files/)")
     parser.add_argument("--host", action="append", default=None, metavar="HOST[:PORT]",
@@ -217,7 +238,112 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--delete-remote", action=argparse.BooleanOptionalAction, default=True,
                         help="delete each run on the server once its files are downloaded (default: on)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    parser.add_argument("--conformance-report", type=Path, default=None, metavar="PATH",
+                        help="a capture-conformance JSON report (conformance-report.json, or its directory) of this "
+                             "server and model, run before: its verdict goes into settings.json's provenance "
+                             "(default: none; the provenance then says no conformance report was given)")
     return parser
+
+
+def conformance_verdict(path: Path, model: str) -> dict:
+    """The verdict of a capture-conformance report, for the provenance; ValueError when it is not one for ``model``."""
+    from collections import Counter
+
+    if path.is_dir():
+        path = path / "conformance-report.json"
+    try:
+        data = path.read_bytes()
+        report = json.loads(data)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--conformance-report {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(report, dict) or report.get("tool") != "capture-conformance":
+        raise ValueError(f"--conformance-report {path}: not a capture-conformance report (no tool: capture-conformance)")
+    if report.get("model") not in (None, model):
+        raise ValueError(f"--conformance-report {path}: it judged model {report.get('model')!r}, this run collects "
+                         f"{model!r}")
+    tests = report.get("tests") if isinstance(report.get("tests"), list) else []
+    return {"report": str(path.resolve()), "report_sha256": sha256_bytes(data), "passed": report.get("passed"),
+            "capture_level": report.get("capture_level"), "profile": report.get("profile"),
+            "counts": dict(sorted(Counter(str(t.get("outcome")) for t in tests if isinstance(t, dict)).items())),
+            "model": report.get("model"), "url": (report.get("target") or {}).get("url"),
+            "protocol": report.get("protocol"), "started_at": report.get("started_at")}
+
+
+def _answer_json(call) -> object:
+    """A GET's JSON answer as recorded in the provenance (or what came instead)."""
+    try:
+        answer = call()
+    except ServerFault as exc:
+        return {"error": str(exc)}
+    try:
+        return answer.json()
+    except Exception:  # not JSON: its status and opening are what there is to record
+        return {"status": answer.status, "text": answer.text[:500]}
+
+
+def _local_weights(model: str) -> dict | None:
+    """sha256 of a built-in model's weight files as built here (fixtures/zoo.py), or None."""
+    try:
+        from capture_conformance.fixtures.zoo import builtin_model_dir, is_builtin
+    except ImportError:
+        return None
+    if not is_builtin(model):
+        return None
+    directory = builtin_model_dir(model)
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return None
+    return {"sha256": {f.name: sha256_file(f) for f in files},
+            "source": f"the built-in model's local build ({directory}): built deterministically from its recipe, "
+                      "the same bytes a server building it serves; the server itself reported no weights hash"}
+
+
+def gather_provenance(args, clients: list[CaptureClient], conformance: dict | None) -> dict:
+    """What produced the run: model and weights, dtypes, servers and their answers, versions, conformance verdict."""
+    from capture_conformance.harness import PROTOCOL_VERSION
+
+    servers = [{"url": c.base_url, "health": _answer_json(c.health), "models": _answer_json(c.models)}
+               for c in clients]
+    listed = servers[0]["models"].get("data") if isinstance(servers[0]["models"], dict) else None
+    entry = next((e for e in listed or [] if isinstance(e, dict) and e.get("id") == args.model), {})
+    capture = entry.get("capture") if isinstance(entry.get("capture"), dict) else {}
+    told = {key: entry.get(key) or capture.get(key) for key in ("revision", "weights_sha256")}
+    if told["weights_sha256"]:
+        weights = {"sha256": told["weights_sha256"], "source": "the server (/v1/models)"}
+    else:
+        weights = _local_weights(args.model) or {"sha256": "unknown", "source": "the server reports no weights hash"}
+    health = servers[0]["health"] if isinstance(servers[0]["health"], dict) else {}
+    return {
+        "model": {"id": args.model, "revision": told["revision"] or "unknown", "weights": weights,
+                  "dtype": capture.get("dtype") or "unknown"},
+        "capture_dtype": args.dtype,
+        "servers": servers,
+        "protocol": {"server": health.get("protocol") or "unknown", "harness": PROTOCOL_VERSION},
+        "tool": {"name": "capture-collect", "version": _tool_version()},
+        "conformance": conformance or {"given": False,
+                                       "note": "no --conformance-report given: no conformance verdict recorded"},
+    }
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("capture-conformance")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def provenance_differences(recorded: dict, now: dict) -> list[str]:
+    """What a resume must not change: the model's weights, revision and dtype (the server's URL may change)."""
+    was, new = recorded.get("model") or {}, now.get("model") or {}
+    out = []
+    for key in ("revision", "dtype"):
+        if was.get(key) != new.get(key):
+            out.append(f"model {key}: {was.get(key)!r} in the run, {new.get(key)!r} now")
+    if (was.get("weights") or {}).get("sha256") != (new.get("weights") or {}).get("sha256"):
+        out.append("model weights: their sha256 differs from the run's")
+    return out
 
 
 def run_settings(args) -> dict:
@@ -233,7 +359,21 @@ def settings_differences(recorded: dict, now: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "verify":
+        return verify_main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
+    if argv and argv[0] == "collect":
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
+    conformance = None
+    if args.conformance_report is not None:
+        try:
+            conformance = conformance_verdict(args.conformance_report, args.model)
+        except ValueError as exc:
+            print(f"capture-collect: {exc}", file=sys.stderr)
+            return 2
     if args.url is None and args.host is None and not args.download:
         print("capture-collect: --no-download needs --host or --url: the bundled server's files go with it",
               file=sys.stderr)
@@ -276,14 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         urls = args.url or [h if ":" in h else f"{h}:{args.port}" for h in args.host]
         urls = [u if u.startswith(("http://", "https://")) else f"http://{u}" for u in urls]
     try:
-        return _collect(args, urls, problems, done, manifest, settings_path, settings)
+        return _collect(args, urls, problems, done, manifest, settings_path, settings, conformance)
     finally:
         if server is not None:
             server.stop()
 
 
 def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: Path, settings_path: Path,
-             settings: dict) -> int:
+             settings: dict, conformance: dict | None = None) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from capture_conformance.harness.protocol.probe import probe_capture_server
@@ -303,11 +443,31 @@ def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: P
         except LookupError as exc:
             print(f"capture-collect: --layers: cannot tell the model's block stack: {exc}", file=sys.stderr)
             return 2
+    provenance = gather_provenance(args, clients, conformance)
+    if done:
+        recorded = json.loads(settings_path.read_text()).get("provenance")
+        differences = provenance_differences(recorded, provenance) if recorded else []
+        if differences:
+            print(f"capture-collect: --resume would mix models in {args.out}: " + "; ".join(differences),
+                  file=sys.stderr)
+            return 2
+        if conformance is not None and (recorded or {}).get("conformance") != conformance:
+            print("capture-collect: note: settings.json keeps the provenance of the run's first row; "
+                  "this --conformance-report is not recorded", file=sys.stderr)
+
     # Written with the first row (a run that fails before it leaves none, and a stale file from such a
-    # run is replaced): settings.json always describes the rows present. The selectors as sent (``--layers``
-    # resolved) go with it, for whoever reads the run.
-    settings_text = (json.dumps({**settings, "selectors": args.savepoints}, indent=2) + "\n").encode()
-    settings_written = bool(done)
+    # run is replaced): settings.json always describes the rows present, and is never rewritten after:
+    # each row records its sha256. The selectors as sent (``--layers`` resolved) go with it, for whoever
+    # reads the run, and the first row's files, so that the settings and the data vouch for each other.
+    def settings_text(record: dict) -> bytes:
+        first = {"id": record["id"], "files": {name: {k: entry.get(k) for k in ("file", "size", "sha256")}
+                                               for name, entry in record["activations"].items()}}
+        document = {**settings, "selectors": args.savepoints,
+                    "provenance": {**provenance, "collected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                    "first_row": first}
+        return (json.dumps(document, indent=2) + "\n").encode()
+
+    settings_written = sha256_bytes(settings_path.read_bytes()) if done else None
     renderer = _PromptText(args.model)
     todo = [p for p in problems if p["id"] not in done]
     print(f"capture-collect: {len(problems)} problems, {len(problems) - len(todo)} done already, {len(todo)} to go"
@@ -350,8 +510,12 @@ def _collect(args, urls: list[str], problems: list[dict], done: set, manifest: P
 
 
 def _run_queue(args, pool, queue: list, slots: list, running: dict, out, renderer, progress, settings_path: Path,
-               settings_text: bytes, settings_written: bool) -> tuple[int, str | None]:
-    """Keep every slot busy until the queue is done; append each row as it finishes. -> (failures, refusal)."""
+               settings_text, settings_written: str | None) -> tuple[int, str | None]:
+    """Keep every slot busy until the queue is done; append each row as it finishes. -> (failures, refusal).
+
+    ``settings_written``: the sha256 of settings.json once it is written (None before the first row);
+    ``settings_text(record)``: its bytes, made from the first row.
+    """
     from concurrent.futures import FIRST_COMPLETED, wait
 
     failures = 0
@@ -378,15 +542,76 @@ def _run_queue(args, pool, queue: list, slots: list, running: dict, out, rendere
                 print(f"\ncapture-collect: {problem['id']}: {exc}", file=sys.stderr)
                 progress.update(1)
                 continue
-            if not settings_written:
-                _write_atomically(settings_path, settings_text)
-                settings_written = True
+            if settings_written is None:
+                text = settings_text(record)
+                _write_atomically(settings_path, text)
+                settings_written = sha256_bytes(text)
+            record["settings_sha256"] = settings_written
             record["prompt_text"] = renderer.text(record.get("prompt_token_ids"))
             out.write(json.dumps(record) + "\n")
             out.flush()
             os.fsync(out.fileno())  # a line that is there survives an interruption
             progress.update(1)
     return failures, refused
+
+def verify_main(argv: list[str]) -> int:
+    """``capture-collect verify RUN``: one line per problem, naming the row and the file; exit 1 on any."""
+    from capture_conformance.harness.tools.manifest import summary, verify_run
+
+    parser = argparse.ArgumentParser(
+        prog="capture-collect verify",
+        description="Check a collection run: every manifest row against settings.json (its sha256, positions, "
+                    "savepoints, dtype) and every file it references (present, inside the run, its size and "
+                    "sha256); files no row references; rows without files. One line per problem, naming the "
+                    "row (problem id) and the file; exit 1 on any problem, 2 when RUN is not a run.")
+    parser.add_argument("run", type=Path, help="a capture-collect output directory (manifest.jsonl, settings.json)")
+    parser.add_argument("--sizes-only", action="store_true",
+                        help="check sizes, not hashes: no file is read (default: hash every file)")
+    args = parser.parse_args(argv)
+    try:
+        problems = verify_run(args.run, "sizes" if args.sizes_only else "full")
+    except FileNotFoundError as exc:
+        print(f"capture-collect verify: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"{args.run}: {problem.line()}")
+    counts = summary(args.run)
+    checked = "sizes" if args.sizes_only else "sizes and sha256"
+    state = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}" if problems else "ok"
+    print(f"capture-collect verify: {args.run}: {counts['rows']} rows, {counts['files']} files, "
+          f"{counts['bytes']} bytes, {checked} checked: {state}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def export_main(argv: list[str]) -> int:
+    """``capture-collect export RUN --to FORMAT --out DIR``: the run verified in full, then written."""
+    from capture_conformance.harness.tools.dataset import load_run
+    from capture_conformance.harness.tools.export import DEFAULT_SHARD_BYTES, FORMATS, ExportError, export_run
+    from capture_conformance.harness.tools.manifest import RunVerificationError
+
+    parser = argparse.ArgumentParser(
+        prog="capture-collect export",
+        description="Export a collection run, verified in full first (a tampered run is refused), to a Hugging "
+                    "Face datasets directory (load_from_disk; settings and provenance as JSON in "
+                    "info.description) or to safetensors or NumPy shards with index.json (docs/collections.md).")
+    parser.add_argument("run", type=Path, help="a capture-collect output directory")
+    parser.add_argument("--to", choices=FORMATS, required=True, help="datasets, safetensors or numpy")
+    parser.add_argument("--out", type=Path, required=True, help="directory to write (new or empty)")
+    parser.add_argument("--savepoints", nargs="*", default=None,
+                        help="the savepoints to export (default: all of the run's)")
+    parser.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20,
+                        help="shard size limit in MiB for safetensors/numpy; a row is never split "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run(args.run, args.savepoints, verify="full")
+        out = export_run(run, args.to, args.out, int(args.shard_mb * 2**20))
+    except (FileNotFoundError, RunVerificationError, ExportError, KeyError, ImportError) as exc:
+        print(f"capture-collect export: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, RunVerificationError) else 2
+    print(out)
+    return 0
+
 
 class _PromptText:
     """The chat-rendered prompt as text, from its ids, with the model's tokenizer when it is available locally."""
