@@ -133,9 +133,26 @@ def test_host_without_paths_runs_the_installed_suites_from_any_directory(tmp_pat
     files = {re.sub(r"::.*", "", item).rsplit("/", 1)[-1] for item in collected}
     assert files == {f"test_{a}.py" for a in ("health", "models", "chat", "single_token", "multi_token",
                                                "savepoints", "dtype_size", "out_of_order", "bad_input",
-                                               "values", "streaming", "positions")}, files
+                                               "values", "streaming", "positions", "batch_invariance")}, files
     # A remote target cannot show its own start-up, so those tests are deselected, not failed or skipped.
     assert not any("test_health_is_503_loading" in item for item in collected)
+
+
+def test_host_inside_the_clone_runs_only_the_suites():
+    """The clone's own testpaths (its tests and the suites) are not what a --host run asks for: the suites only."""
+    clone = SUITES_DIR.parent
+    # Collection imports the suites' dependencies: allow for a loaded machine (make test runs this under -n 2).
+    result = run_pytest("--host", "127.0.0.1", "--port", "8006", "--collect-only", "-q", cwd=clone, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected = _collected(result.stdout)
+    paths = {re.sub(r"::.*", "", item) for item in collected}
+    assert paths and all(path.startswith("suites/test_") for path in paths), sorted(paths)[:5]
+    assert "suites/test_health.py" in paths and "suites/test_batch_invariance.py" in paths, sorted(paths)
+    # Paths given keep their meaning: the clone's own tests, named, are collected with a target option too.
+    named = run_pytest("--host", "127.0.0.1", "--port", "8006", "--collect-only", "-q", "tests/test_diagnoses.py",
+                       cwd=clone, timeout=180)
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert {re.sub(r"::.*", "", item) for item in _collected(named.stdout)} == {"tests/test_diagnoses.py"}, named.stdout
 
 
 def test_profiles_are_nested(tmp_path):

@@ -48,14 +48,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
-    """``pytest --host H`` with no paths, outside a project with testpaths: run the installed suites."""
+    """``pytest --host H`` (or ``--port``, ``--launch``) with no paths: run the installed suites, and only them.
+
+    From any directory, this clone included: a target option says "test that server", and a
+    project's own ``testpaths`` (this clone's are its own tests and the suites) are not what
+    it asks for. Paths given on the command line keep their meaning. Under pytest-xdist each
+    worker is started with the controller's invocation arguments and runs this hook again, so
+    controller and workers collect the same items; a run without a target option (``make
+    test``: ``-n 2`` over testpaths tests and suites) is left alone.
+    """
     known = early_config.known_args_namespace
     if not (getattr(known, "host", None) or getattr(known, "port", None) or getattr(known, "launch", None)):
         return
     if getattr(known, "file_or_dir", None):
         return
-    if early_config.invocation_params.dir == early_config.rootpath and early_config.getini("testpaths"):
-        return  # a project that says what its tests are keeps that choice
     args.append(str(SUITES_DIR))
     known.file_or_dir = [str(SUITES_DIR)]
 
