@@ -15,8 +15,10 @@ model, because the concrete sizes belong to the model.
 
 Where sets live: ``--snapshot-dir`` if given (read and written there); else
 ``./capture-snapshots`` in the working directory, never inside the installed
-package. The set shipped with the suites (``suites/__snapshots__``, the bundled
-``tiny-qwen3``) is read when the working directory has none for that test.
+package. The set shipped with the suites (``suites/__snapshots__``: every built-in
+model of the bundled server, ``tiny-qwen3`` and the zoo's families, recorded against
+it and reviewed against each model's config) is read when the working directory
+has none for that test.
 
 What a run does with one snapshot test (the contract checks of the same test
 have already run; a snapshot only tells whether the metadata CHANGED):
