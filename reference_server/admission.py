@@ -8,6 +8,19 @@ retries, decide when to come back, and nothing waits inside the server holding
 a connection). A reservation is held from admission until the capture's files
 are written by the storage writer, so the tensors on the host and the files
 waiting for the writer are both counted.
+
+What a request is charged (issue 20: the files alone did not bound memory):
+
+- its files, ``HOST_COPIES`` times (the per-step pieces and the stacked tensor);
+- what the generate holds beyond the files: every step of every savepoint while
+  it runs, whatever ``tokens`` keeps (a ``tokens: "first"`` of prompt positions
+  holds the whole prompt's values until they are cut to one);
+- the forward's whole-prompt logits when the output head is captured at prompt
+  positions (``logits_to_keep=0``): prompt length x vocabulary x 4 bytes, float32
+  whatever the capture's dtype. A batch pads every row to its longest prompt, so
+  the worker batches such requests only while the padded logits stay within what
+  its rows were charged, or what the budget can add for the batch
+  (``Reservation.try_extend``); otherwise a request runs alone.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ MIB = 2**20
 HOST_COPIES = 2
 DEFAULT_SHARE = 0.5  # of the memory available once the startup model is loaded, when --capture-budget-mb is not given
 RETRY_AFTER_S = 1
+LOGIT_ITEMSIZE = 4  # the forward's logits are float32 even for a bfloat16 capture (or model) on the host
 
 
 def available_memory_bytes() -> int | None:
@@ -60,9 +74,10 @@ class Reservation:
     and the storage writer's write go on holding their tensors.
     """
 
-    def __init__(self, budget: "CaptureBudget | None", nbytes: int):
+    def __init__(self, budget: "CaptureBudget | None", nbytes: int, logits_bytes: int = 0):
         self._budget = budget
         self.nbytes = nbytes
+        self.logits_bytes = logits_bytes  # of nbytes: the whole-prompt logits of its forward (ModelWorker batches by it)
         self._lock = threading.Lock()
         self._holds = 0
         self._released = False
@@ -83,6 +98,16 @@ class Reservation:
         with self._lock:
             self._released = True
         self._give_back()
+
+    def try_extend(self, nbytes: int) -> bool:
+        """Hold ``nbytes`` more (a batch's padding) if the budget has them now; False (nothing held) if not."""
+        if nbytes <= 0:
+            return True
+        with self._lock:  # one step with _give_back's: an extension is never lost to a release racing it
+            if self._budget is None or not self._budget._try_add(nbytes):
+                return False
+            self.nbytes += nbytes
+            return True
 
     def _give_back(self) -> None:
         with self._lock:
@@ -118,17 +143,25 @@ class CaptureBudget:
         """What a capture of ``capture_bytes`` (its files' size) holds of the budget."""
         return HOST_COPIES * capture_bytes
 
-    def reserve(self, capture_bytes: int) -> Reservation:
-        """Admit a capture of at most ``capture_bytes``, or refuse it: 422 if it can never fit, else 503."""
-        if capture_bytes <= 0:
+    def reserve(self, capture_bytes: int, held_bytes: int = 0, logits_bytes: int = 0) -> Reservation:
+        """Admit a capture, or refuse it: 422 if it can never fit, else 503.
+
+        ``capture_bytes``: its files; ``held_bytes``: what its generate keeps beyond them
+        (steps that ``tokens`` drops later); ``logits_bytes``: its forward's whole-prompt logits.
+        """
+        if capture_bytes <= 0 and held_bytes <= 0 and logits_bytes <= 0:
             return NO_RESERVATION
-        need = self.charge(capture_bytes)
+        need = self.charge(capture_bytes) + held_bytes + logits_bytes
         if need > self.limit_bytes:
+            parts = [f"{HOST_COPIES} x its {capture_bytes / MIB:.1f} MiB of files"]
+            if held_bytes:
+                parts.append(f"{held_bytes / MIB:.1f} MiB of steps held while generating")
+            if logits_bytes:
+                parts.append(f"{logits_bytes / MIB:.1f} MiB of whole-prompt float32 logits")
             raise Unprocessable(
-                f"this capture could need {need / MIB:.1f} MiB of host memory ({HOST_COPIES} x its "
-                f"{capture_bytes / MIB:.1f} MiB of files), more than the whole capture budget of "
-                f"{self.limit_bytes / MIB:.1f} MiB (--capture-budget-mb); ask for fewer tokens, savepoints "
-                "or a smaller dtype")
+                f"this capture could need {need / MIB:.1f} MiB of host memory ({' + '.join(parts)}), more than "
+                f"the whole capture budget of {self.limit_bytes / MIB:.1f} MiB (--capture-budget-mb); ask for "
+                "fewer tokens, savepoints, a shorter prompt or a smaller dtype")
         with self._lock:
             if self._in_use + need > self.limit_bytes:
                 self._refused += 1
@@ -138,11 +171,20 @@ class CaptureBudget:
                 self._in_flight += 1
                 self._admitted += 1
                 self._peak = max(self._peak, self._in_use)
-                return Reservation(self, need)
+                return Reservation(self, need, logits_bytes)
         raise Overloaded(
             f"capture budget busy: {flight} capture(s) in flight hold {in_use / MIB:.1f} of "
             f"{self.limit_bytes / MIB:.1f} MiB (--capture-budget-mb) and this one needs {need / MIB:.1f} MiB; "
             f"retry after {RETRY_AFTER_S} s", retry_after_s=RETRY_AFTER_S)
+
+    def _try_add(self, nbytes: int) -> bool:
+        """Add to what is in use if it fits now (a batch's padding, not a new capture)."""
+        with self._lock:
+            if self._in_use + nbytes > self.limit_bytes:
+                return False
+            self._in_use += nbytes
+            self._peak = max(self._peak, self._in_use)
+            return True
 
     def _release(self, nbytes: int) -> None:
         with self._lock:

@@ -56,9 +56,13 @@ class ModelWorker:
         """Run ``fn`` alone on the model's thread."""
         return await self._submit(_Job(key=None, call=lambda: fn(*args, **kwargs)))
 
-    async def generate(self, request):
-        """Run one generation, possibly batched with others (see GenerationRequest.batch_key)."""
-        return await self._submit(_Job(key=request.batch_key(), request=request))
+    async def generate(self, request, reservation=None):
+        """Run one generation, possibly batched with others (see GenerationRequest.batch_key).
+
+        ``reservation`` (admission.Reservation): what the request was charged; a batch of
+        requests with whole-prompt logits is formed only within it (see _fits_logits).
+        """
+        return await self._submit(_Job(key=request.batch_key(), request=request, reservation=reservation))
 
     async def _submit(self, job: "_Job"):
         with self._wakeup:
@@ -87,7 +91,8 @@ class ModelWorker:
                 for job in list(self._jobs):
                     if len(batch) >= self.max_batch:
                         break
-                    if job.key == first.key and padded_tokens([*batch, job]) <= self.max_batch_tokens:
+                    if (job.key == first.key and padded_tokens([*batch, job]) <= self.max_batch_tokens
+                            and _fits_logits(batch, job)):
                         self._jobs.remove(job)
                         batch.append(job)
             return batch
@@ -131,12 +136,37 @@ def padded_tokens(jobs: list["_Job"]) -> int:
     return len(jobs) * width
 
 
+def _fits_logits(batch: list["_Job"], job: "_Job") -> bool:
+    """Whether ``job`` may join ``batch`` as far as whole-prompt logits go.
+
+    Their forward holds rows x longest prompt x V float32 logits; each row was charged
+    its own prompt's (Reservation.logits_bytes). The padding beyond that is taken from
+    the budget now, on the joining job's reservation, or the job waits to run alone
+    or in a later batch. Requests without such logits always fit.
+    """
+    rows = [*batch, job]
+    if not all(j.reservation is not None and j.reservation.logits_bytes > 0 for j in rows):
+        return not any(j.reservation is not None and j.reservation.logits_bytes > 0 for j in rows)
+    per_position = job.reservation.logits_bytes / max(1, len(job.request.prompt_ids))
+    longest = max(len(j.request.prompt_ids) for j in rows)
+    padded = int(len(rows) * longest * per_position)
+    charged = sum(j.reservation.logits_bytes + j.logits_extra for j in rows)
+    if padded <= charged:
+        return True
+    if job.reservation.try_extend(padded - charged):
+        job.logits_extra = padded - charged
+        return True
+    return False
+
+
 @dataclass(eq=False)
 class _Job:
     key: object
     request: object = None
     call: Callable | None = None
     future: Future = field(default_factory=Future)
+    reservation: object = None  # admission.Reservation, for the batching of whole-prompt logits
+    logits_extra: int = 0  # padding logits added to the reservation when it joined a batch
 
 
 class LoadPolicy:

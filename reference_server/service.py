@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from . import chat
-from .admission import NO_RESERVATION, CaptureBudget, Reservation
+from .admission import LOGIT_ITEMSIZE, NO_RESERVATION, CaptureBudget, Reservation
 from .errors import BadRequest, CaptureError, Unprocessable
 from .input_rules import GREEDY_TEMPERATURE_EPS
 from .registry import ModelRegistry, ModelWorker
@@ -127,10 +127,9 @@ class CaptureService:
             seed=req.seed,
             stop=stop,
         )
-        # Admission last: a request refused for any other reason never holds budget. A batched
-        # generate keeps every step of every savepoint until it ends, whatever `tokens` asks.
-        steps_held = 1 if options.tokens == "all" else max_tokens
-        reservation = self.budget.reserve(capture_bytes * steps_held)
+        # Admission last: a request refused for any other reason never holds budget.
+        held, logits = self._working_bytes(model, plan, max_tokens, options, len(prompt_ids))
+        reservation = self.budget.reserve(capture_bytes, held, logits)
         return PreparedChat(req, worker, prompt_ids, params, plan, options, wants_capture, reservation)
 
     async def chat_completion(self, req: ChatRequest) -> dict:
@@ -140,7 +139,8 @@ class CaptureService:
 
     async def _chat_completion(self, prepared: "PreparedChat") -> dict:
         req = prepared.req
-        generation = await self._generate(prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan, prepared.options)
+        generation = await self._generate(prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan,
+                                          prepared.options, reservation=prepared.reservation)
         completion = self._complete(prepared, generation)
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -249,10 +249,9 @@ class CaptureService:
         kept = {"generated": max_tokens, "prompt": prompt_len, "sequence": prompt_len + max_tokens}[positions]
         steps = kept if options.tokens == "all" else 1
         itemsize = DTYPES[options.dtype].itemsize
-        # tokens "first" of prompt positions still has the head computed at every prompt position first.
-        first_of_prompt = options.tokens == "first" and positions != "generated"
-        total = sum((prompt_len if first_of_prompt and sp.site.last_only else steps)
-                    * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
+        # What is written: `tokens` "first"/"last" keep one position. What the generate holds
+        # on the way (every step, the whole prompt's logits) is the budget's (_working_bytes).
+        total = sum(steps * math.prod(sp.site.feature_shape) * itemsize for sp in plan)
         limit = self.settings.max_capture_mb
         if total > limit * 2**20:
             raise Unprocessable(
@@ -261,6 +260,31 @@ class CaptureService:
                 "ask for fewer tokens, savepoints or a smaller dtype"
             )
         return total
+
+    @staticmethod
+    def _working_bytes(model, plan, max_tokens: int, options: CaptureOptions, prompt_len: int) -> tuple[int, int]:
+        """What a generate holds beyond the files: (steps held, whole-prompt logits), see admission.
+
+        Steps: with `tokens` "first"/"last" every step of every savepoint is still captured
+        (a batch cuts them after it ends), the prompt's positions whole. Logits: the output
+        head at prompt positions makes the forward compute every prompt position's logits
+        (logits_to_keep=0), float32.
+        """
+        if not plan:
+            return 0, 0
+        whole_prompt = options.positions != "generated" and options.tokens != "last"
+        itemsize = DTYPES[options.dtype].itemsize
+
+        def kept(site) -> int:
+            # Without logits_to_keep=0 the head sees the prompt's last position only.
+            prompt = prompt_len if whole_prompt or not site.last_only else 1
+            return {"generated": max_tokens, "prompt": prompt, "sequence": prompt + max_tokens}[options.positions]
+
+        held = 0 if options.tokens == "all" else sum(kept(sp.site) * math.prod(sp.site.feature_shape) * itemsize
+                                                     for sp in plan)
+        vocab = model.info.vocab_size
+        logits = prompt_len * vocab * LOGIT_ITEMSIZE if whole_prompt and any(sp.site.last_only for sp in plan) else 0
+        return held, logits
 
     def _check_context(self, model, prompt_tokens: int, max_tokens: int) -> None:
         """Refuse a request whose prompt plus max_tokens does not fit the model's context."""
@@ -277,10 +301,11 @@ class CaptureService:
     def _render_prompt(self, model, messages: list[dict]) -> list[int]:
         return chat.render_prompt(model.tokenizer, messages)
 
-    async def _generate(self, worker, prompt_ids, params, plan, options, on_token=None):
+    async def _generate(self, worker, prompt_ids, params, plan, options, on_token=None, reservation=None):
         return await worker.generate(
             GenerationRequest(prompt_ids, params, plan, options.tokens, DTYPES[options.dtype], on_token,
-                              options.positions)
+                              options.positions),
+            reservation,  # the worker batches whole-prompt logits only within what was charged
         )
 
     def _store(self, generation, plan, options) -> dict:

@@ -56,8 +56,9 @@ def test_the_default_budget_is_derived_from_available_memory():
 def test_a_capture_that_can_never_fit_is_422_naming_the_option(small):
     response = small.post(CHAT, json=chat_body(max_tokens=8, capture={}))  # 4.6 MiB x 2 > 8 MiB
     assert response.status_code == 422 and "--capture-budget-mb" in response.json()["detail"], response.text
-    # tokens "last" writes one step, but a batched generate keeps every step until it ends
-    response = small.post(CHAT, json=chat_body(max_tokens=8, capture={"tokens": "last"}))
+    # tokens "last" writes one step, but a batched generate keeps every step until it ends:
+    # 2 x 0.58 MiB of files + 14 x 0.58 MiB held = 9.3 MiB > 8 MiB
+    response = small.post(CHAT, json=chat_body(max_tokens=14, capture={"tokens": "last"}))
     assert response.status_code == 422 and "--capture-budget-mb" in response.json()["detail"], response.text
     assert _budget(small)["in_use_mb"] == 0
 
