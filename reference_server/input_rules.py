@@ -18,6 +18,11 @@ from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictI
 # Below this a temperature is greedy decoding: dividing logits by 1e-300 gives inf and
 # NaN probabilities. vLLM uses the same epsilon (_SAMPLING_EPS).
 GREEDY_TEMPERATURE_EPS = 1e-5
+# Stop strings (issue 20 item 3): OpenAI's count, and a length that keeps transformers'
+# StopStringCriteria (tables built per request, on the model's worker thread) to a fraction
+# of a second: 4 x 240k characters held the worker for 37 s; 4 x 512 build in ~0.1-0.2 s.
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 512
 # What torch.manual_seed accepts; outside it is a 422, not a reduction modulo 2^64.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 

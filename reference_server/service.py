@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable
 from . import chat
 from .admission import LOGIT_ITEMSIZE, NO_RESERVATION, CaptureBudget, Reservation
 from .errors import BadRequest, CaptureError, Unprocessable
-from .input_rules import GREEDY_TEMPERATURE_EPS
+from .input_rules import GREEDY_TEMPERATURE_EPS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 from .registry import ModelRegistry, ModelWorker
 from .schemas import CaptureOptions, ChatRequest, PureRequest
 from .selectors import LOGITS, parse_selector
@@ -108,8 +108,13 @@ class CaptureService:
         model = worker.model
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens)
         stop = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
-        if any(not s for s in stop) or len(stop) > 4:
-            raise Unprocessable("stop takes at most 4 non-empty strings")
+        if any(not s for s in stop) or len(stop) > MAX_STOP_STRINGS:
+            raise Unprocessable(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings (got {len(stop)}"
+                                f"{', one empty' if any(not s for s in stop) else ''})")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            longest = max(len(s) for s in stop)
+            raise Unprocessable(f"a stop string of {longest} characters is over the limit of {MAX_STOP_CHARS} "
+                                "characters per stop string")
         capture = req.capture
         wants_capture = req.store_activations or capture is not None
         options = capture if capture is not None else CaptureOptions()  # store_activations alone: the defaults
