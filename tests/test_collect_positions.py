@@ -23,11 +23,20 @@ def collect(out: Path, *extra: str, timeout: float = 600) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+# A report as capture-conformance writes it (the fields the provenance reads), written by hand.
+REPORT = {"tool": "capture-conformance", "protocol": "1.1", "passed": True, "capture_level": "full", "profile": "full",
+          "model": "tiny-qwen3", "target": {"url": "http://127.0.0.1:1"}, "started_at": "2026-01-01T00:00:00Z",
+          "tests": [{"outcome": "passed"}, {"outcome": "passed"}, {"outcome": "skipped"}]}
+
+
 @pytest.fixture(scope="module")
 def prompt_run(tmp_path_factory, tiny_model_dir) -> Path:
     """The whole sample with --positions prompt and no --host: the bundled server is started for the run."""
-    out = tmp_path_factory.mktemp("collect") / "gsm-prompt"
-    result = collect(out, "--positions", "prompt", "--layers", "1", "--max-tokens", "2")
+    base = tmp_path_factory.mktemp("collect")
+    (base / "conformance-report.json").write_text(json.dumps(REPORT))
+    out = base / "gsm-prompt"
+    result = collect(out, "--positions", "prompt", "--layers", "1", "--max-tokens", "2",
+                     "--conformance-report", str(base / "conformance-report.json"))
     assert result.returncode == 0, result.stderr
     assert "starting the bundled reference server" in result.stderr, result.stderr
     return out
@@ -197,10 +206,26 @@ def test_plot_draws_prompt_positions_and_refuses_top1_without_lm_head(prompt_run
     assert _png_height(tmp_path / "one.png") == 320  # one panel (norms), not three
 
 
-def test_plot_of_a_whole_collection_run(prompt_run, tmp_path):
-    result = plot(str(prompt_run), "--out", str(tmp_path / "all.png"))
+def test_plot_of_a_whole_collection_run_is_written_beside_it(prompt_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "gsm"
+    shutil.copytree(prompt_run, run)
+    result = plot(str(run))
+    png = tmp_path / "gsm.png"
     assert result.returncode == 0, result.stderr
-    assert _png_height(tmp_path / "all.png") == 450 and (tmp_path / "all.png").stat().st_size > 10_000
+    assert result.stdout.strip() == str(png)
+    assert _png_height(png) == 600 and png.stat().st_size > 10_000  # the norms over the count panel
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gsm", "gsm.png"]
+    from capture_conformance.harness.tools.manifest import verify_run
+
+    assert verify_run(run) == []  # nothing was written into the run
+    one = plot(str(run / "files" / "sample-003"))
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip() == str(tmp_path / "gsm.sample-003.png") and _png_height(tmp_path / "gsm.sample-003.png") == 320
+    inside = plot(str(run), "--out", str(run / "files" / "sample-003" / "run.png"))
+    assert inside.returncode == 2 and "inside" in inside.stderr and "files/" in inside.stderr, inside.stderr
+    assert verify_run(run) == []
 
 
 def test_plot_of_a_sequence_problem_knows_its_tokens_and_where_the_completion_starts(tmp_path, tiny_model_dir):
@@ -231,19 +256,130 @@ def test_plot_of_a_sequence_problem_knows_its_tokens_and_where_the_completion_st
     assert _png_height(tmp_path / "seq.png") == 860  # top-1, entropy and norms
 
 
-def test_the_datasets_export_has_one_row_per_problem(prompt_run, monkeypatch):
-    import types
+def test_the_collection_records_each_files_size_and_hash_and_its_provenance(prompt_run, tiny_model_dir):
+    import hashlib
+    from importlib.metadata import version
 
-    made = {}
+    settings_bytes = (prompt_run / "settings.json").read_bytes()
+    settings = json.loads(settings_bytes)
+    rows = [json.loads(line) for line in (prompt_run / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["settings_sha256"] == hashlib.sha256(settings_bytes).hexdigest()
+        for entry in row["activations"].values():
+            data = (prompt_run / entry["file"]).read_bytes()
+            assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert settings["first_row"] == {"id": "sample-000", "files": {
+        name: {k: e[k] for k in ("file", "size", "sha256")} for name, e in rows[0]["activations"].items()}}
+    provenance = settings["provenance"]
+    weights = (tiny_model_dir / "model.safetensors").read_bytes()
+    assert provenance["model"]["id"] == "tiny-qwen3" and provenance["model"]["revision"] == "unknown"
+    assert provenance["model"]["weights"]["sha256"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
+    assert provenance["model"]["dtype"] == "float32" and provenance["capture_dtype"] == "float32"
+    (server,) = provenance["servers"]
+    assert server["url"] == rows[0]["server"] and server["health"]["status"] == "ok"
+    assert [m["id"] for m in server["models"]["data"]] == ["tiny-qwen3"]
+    assert provenance["protocol"] == {"server": server["health"]["protocol"], "harness": "1.1"}
+    assert provenance["tool"] == {"name": "capture-collect", "version": version("capture-conformance")}
+    report = (prompt_run.parent / "conformance-report.json").read_bytes()
+    verdict = provenance["conformance"]
+    assert verdict["passed"] is True and verdict["capture_level"] == "full" and verdict["model"] == "tiny-qwen3"
+    assert verdict["counts"] == {"passed": 2, "skipped": 1}
+    assert verdict["report_sha256"] == hashlib.sha256(report).hexdigest()
 
-    class Dataset:
-        @staticmethod
-        def from_dict(columns):
-            made.update(columns)
-            return "dataset"
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(Dataset=Dataset))
+def _verify(run: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capture_conformance.harness.tools.collect", "verify", str(run)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_one_changed_byte_fails_verify_load_run_and_export_naming_the_row(prompt_run, tmp_path):
+    import shutil
+
+    from capture_conformance.harness.tools.manifest import RunVerificationError, verify_run
+
+    run = tmp_path / "run"
+    shutil.copytree(prompt_run, run)
+    clean = _verify(run)
+    assert clean.returncode == 0 and clean.stdout == "" and clean.stderr.rstrip().endswith(": ok"), clean.stderr
+    rows = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    target = rows[5]["activations"][LAYER]["file"]
+    data = bytearray((run / target).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one value: the size stays
+    (run / target).write_bytes(bytes(data))
+
+    result = _verify(run)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [f"{run}: row 'sample-005': {target}: hash mismatch: "
+                                          + result.stdout.split("hash mismatch: ", 1)[1].rstrip("\n")]
+    with pytest.raises(RunVerificationError, match="sample-005") as refused:
+        load_run(run)
+    assert refused.value.rows == ["sample-005"]
+    assert len(load_run(run, verify=False).rows) == 24  # the check is what refuses it
+    export = subprocess.run([sys.executable, "-m", "capture_conformance.harness.tools.collect", "export", str(run),
+                             "--to", "numpy", "--out", str(tmp_path / "npz")], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert export.returncode == 1 and "sample-005" in export.stderr and not (tmp_path / "npz").exists()
+
+    # the other ways a run goes wrong, each named by row and kind
+    (run / rows[2]["activations"][LAYER]["file"]).write_bytes(b"cut")
+    (run / rows[7]["activations"][LAYER]["file"]).unlink()
+    rows[9]["activations"] = {}
+    (run / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = {(p.row, p.kind) for p in verify_run(run)}
+    assert found == {("sample-005", "hash mismatch"), ("sample-002", "size mismatch"), ("sample-007", "missing file"),
+                     ("sample-009", "row without files"),
+                     (None, "unlisted file")}, found  # sample-009's file, now listed by no row
+    with pytest.raises(RunVerificationError) as refused:
+        load_run(run)
+    assert refused.value.rows == ["sample-002", "sample-007", "sample-009"]  # sizes first: nothing is read yet
+    settings = json.loads((run / "settings.json").read_text())
+    (run / "settings.json").write_text(json.dumps({**settings, "dtype": "bfloat16"}))
+    mismatched = {p.row for p in verify_run(run) if p.kind == "settings mismatch"}
+    assert mismatched == {r["id"] for r in rows}  # every row was collected under the other settings.json
+
+
+def test_collect_export_to_datasets_load_and_the_readme_probe(prompt_run, tmp_path):
+    import datasets
+
+    out = tmp_path / "gsm-prompt.hf"
+    export = subprocess.run([sys.executable, "-m", "capture_conformance.harness.tools.collect", "export",
+                             str(prompt_run), "--to", "datasets", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert export.returncode == 0, export.stderr
+    ds = datasets.load_from_disk(str(out))
     run = load_run(prompt_run)
-    assert run.to_datasets() == "dataset"
-    assert made["id"] == run.ids and made["correct"] == run.correct.tolist() and made["prompt"] == run.prompts
-    assert [np.asarray(v).shape for v in made[LAYER]] == [a.shape for a in run.arrays[LAYER]]
+    assert ds["id"] == run.ids and ds["correct"] == run.correct.tolist()
+    described = json.loads(ds.info.description)
+    assert described["settings"] == run.settings and described["settings"]["provenance"]["model"]["id"] == "tiny-qwen3"
+
+    readme = (REPO / "README.md").read_text()
+    probe = re.search(r"<!-- probe-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    loader = re.search(r"<!-- probe-from-datasets -->\n```python\n(.*?)```", readme, re.S)
+    assert loader, "README.md has no probe-from-datasets example"
+    from_run = probe.replace('"runs/gsm-prompt"', repr(str(prompt_run)))
+    from_export = (loader.group(1).replace('"runs/gsm-prompt.hf"', repr(str(out)))
+                   + probe.split("y = run.correct", 1)[1].split("\n", 1)[1])
+    results = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+               for code in (from_run, from_export)]
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    assert "held-out accuracy" in results[1].stdout and results[1].stdout == results[0].stdout
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "numpy"])
+def test_shard_exports_read_back_equal_and_a_changed_shard_is_refused(prompt_run, tmp_path, fmt):
+    from capture_conformance.harness.tools.dataset import load_export
+    from capture_conformance.harness.tools.export import ExportError
+
+    run = load_run(prompt_run)
+    out = getattr(run, f"to_{fmt}")(tmp_path / fmt, shard_bytes=300_000)
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) > 1 and index["settings"] == run.settings
+    back = load_export(out)
+    assert back.ids == run.ids and back.correct.tolist() == run.correct.tolist() and back.prompts == run.prompts
+    assert all(np.array_equal(a, b) for a, b in zip(back.arrays[LAYER], run.arrays[LAYER], strict=True))
+    shard = out / index["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=re.escape(shard.name)):
+        load_export(out)
