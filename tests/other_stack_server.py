@@ -35,6 +35,9 @@ so the harness's tests can check that the report names each defect:
     retokenised_usage  usage.completion_tokens counts the reply text tokenised again
     no_load_route   no POST /models/load (the framework's 404 "Not Found")
     bad_input_500   max_tokens 0 and a body without a model answer 500
+    probability_logits  the head's captures stored as softmax probabilities (same argmax, same shape)
+    files_elsewhere     file_path names a path on the server's own machine that this one has not (a remote
+                        server's files); nothing is downloadable in the older family then
 
 ``--family store_activations`` makes it speak the older family's dialect instead:
 no ``protocol`` in ``/health``, no ``capture`` block in ``/v1/models``, and chat
@@ -62,7 +65,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFECTS = ("four_d_logits", "list_of_steps", "truncated_file", "zero_usage", "retokenised_usage", "no_load_route",
-           "bad_input_500")
+           "bad_input_500", "probability_logits", "files_elsewhere")
 NAME_RE = re.compile(r"[A-Za-z0-9_.\[\]-]{1,128}")
 SEGMENT_RE = re.compile(r"(?:([A-Za-z][A-Za-z0-9_]*)|(\d+))(?:\[(\d+)\])?")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -682,7 +685,10 @@ class Handler(BaseHTTPRequestHandler):
                 per_step = per_step[:1]
             elif capture["tokens"] == "last":
                 per_step = per_step[-1:]
-            tensor = torch.stack(per_step, dim=1).to(getattr(torch, capture["dtype"])).contiguous()  # [1, N, D]
+            tensor = torch.stack(per_step, dim=1)  # [1, N, D]
+            if "probability_logits" in defects and capture["selectors"][name] in (HEAD_ALIAS, self.engine.head_path):
+                tensor = tensor.float().softmax(-1)
+            tensor = tensor.to(getattr(torch, capture["dtype"])).contiguous()
             if "four_d_logits" in defects:
                 tensor = tensor.unsqueeze(2)  # [1, N, 1, D]
             shape = list(tensor.shape)
@@ -698,7 +704,9 @@ class Handler(BaseHTTPRequestHandler):
             numel = math.prod(shape)
             meta[name] = {"shape": shape, "dtype": str(tensor.dtype), "numel": numel,
                           "size_mb": round(numel * tensor.element_size() / 2**20, 2),
-                          "file_path": str(run_dir / file), "url": f"/v1/activations/{run_id}/{name}",
+                          "file_path": (f"/srv/capture-host/{run_id}/{file}" if "files_elsewhere" in defects
+                                        else str(run_dir / file)),
+                          "url": f"/v1/activations/{run_id}/{name}",
                           "selector": capture["selectors"][name], "tokens": capture["tokens"],
                           "format": capture["format"]}
         (run_dir / "manifest.json").write_text(json.dumps(files))

@@ -60,3 +60,20 @@ def test_missing_v1_features_fail_the_verdict_of_the_json_and_of_the_cli_alike(t
     plugins = SimpleNamespace(get_plugin=lambda name: report if name == REPORT_PLUGIN else None)
     verdict.pytest_unconfigure(SimpleNamespace(pluginmanager=plugins))
     assert verdict.passed is False, "capture-conformance must exit non-zero where the JSON says not passed"
+
+
+def test_a_truncated_file_and_the_self_comparisons_are_named():
+    # expect_tensor_matches_meta's wording for a file cut to 128 features under full-width metadata
+    truncated = ("metadata and file disagree: `_logits`: the stored tensor is [1, 5, 128], metadata says [1, 5, 747]; "
+                 "the file's last dimension is truncated to 128 of 747")
+    assert classify(truncated)[1] == "truncated file: the stored tensor keeps fewer features than its metadata says"
+    other = "metadata and file disagree: `_logits`: the stored tensor is torch.bfloat16, metadata says torch.float32"
+    assert classify(other)[1] == "metadata and file disagree"
+    assert classify("streamed capture differs from the unstreamed run of the same request (generated positions, "
+                    "tokens all, 5 tokens): `head` (lm_head): steps [0, 1] of 5 differ")[1] == (
+        "streamed captures differ from the same request unstreamed")
+    assert classify("batched capture differs from its solo run (within the dtype's rounding): short prompt: ...")[1] == (
+        "batch invariance broken: a capture depends on the requests batched with it")
+    assert classify("prompt capture shortened or changed when the same prompt is sent again (a prefix cache must "
+                    "not shorten prompt captures): 2nd in a row: `first` holds [1, 3, 64]")[1].startswith(
+        "a repeated prompt's capture is shortened")

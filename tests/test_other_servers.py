@@ -150,7 +150,8 @@ DEFECT_CASES = {
                                  ["extra dimensions: the capture has a size-1 dimension too many"],
                                  ["single-token capture only", *NEVER_IN_OLDER]),
     "truncated files, older family": ([OLDER, "truncated_file"], ["--profile", "smoke"],
-                                      ["metadata and file disagree"], NEVER_IN_OLDER),
+                                      ["truncated file: the stored tensor keeps fewer features than its metadata says"],
+                                      NEVER_IN_OLDER),
     "re-tokenised usage": (["retokenised_usage"], ["--", "-k", "test_chat or test_multi_token"],
                            ["usage counts a re-tokenisation of the reply"], ["max_tokens=8 on a story prompt gave"]),
     "zero usage, no load route": (["zero_usage", "no_load_route"], ["--", "-k", "test_chat or test_models"],
@@ -224,3 +225,39 @@ def test_an_interventions_dialect_server_gets_a_full_report_naming_its_defects(w
     messages = " ".join(t["message"] for t in report["tests"] if t["outcome"] in ("failed", "error"))
     for field in ("completion_token_ids", "activation_run_id", "'url'", "activations_meta"):
         assert field not in messages, f"a message blames {field}, which this dialect never had: {messages[:3000]}"
+
+
+# The older family's files (no url: read at file_path) and its greedy logits (no ids: their argmax stands in).
+OLDER_FILE_CHECKS = ["--", "-k", "test_store_activations_logits_match_the_reference or test_default_capture_is_float32_pt"]
+
+
+def _by_test(report: dict) -> dict[str, dict]:
+    return {t["nodeid"].split("::", 1)[-1]: t for t in report["tests"]}
+
+
+# The default tier runs the defect (its file check passes, its values fail); the matrix the clean and remote cases.
+@pytest.mark.parametrize("defect", [pytest.param(None, marks=pytest.mark.matrix, id="correct"), "probability_logits",
+                                    pytest.param("files_elsewhere", marks=pytest.mark.matrix)])
+def test_older_family_files_are_read_at_file_path_and_greedy_logits_are_value_checked_by_their_argmax(workdir, defect):
+    server = OtherServer(workdir, *([defect] if defect else []), family=OLDER)
+    try:
+        result, report = conformance(workdir, server.port, *OLDER_FILE_CHECKS, report=f"report-older-{defect}")
+    finally:
+        server.stop()
+    assert report["dialect"] == OLDER, report["dialect"]
+    tests = _by_test(report)
+    values, files = tests["test_store_activations_logits_match_the_reference"], tests["test_default_capture_is_float32_pt"]
+    if defect is None:  # the file checked against its metadata, the logits against the reference: both pass
+        assert result.returncode == 0 and report["passed"], _failures(report)
+        assert values["outcome"] == files["outcome"] == "passed", (values, files)
+    elif defect == "probability_logits":  # same argmax, same shape: only the values, through the argmax ids, see it
+        assert result.returncode == 1 and files["outcome"] == "passed", (values, files)
+        assert values["outcome"] == "failed" and "probabilities (softmax), not logits" in values["message"], values
+    else:  # a remote server's paths: said once, as what the dialect cannot give here, never as a defect
+        assert values["outcome"] == files["outcome"] == "skipped", (values, files)
+        assert report["missing_from_protocol_v1"] == [
+            {"feature": "file not reachable from here", "why": f"{OLDER} dialect", "tests": 2}], report
+        said = "missing from protocol v1: file not reachable from here (2 tests skipped)"
+        assert result.stdout.count(said) == 1 and "Traceback" not in result.stdout, result.stdout[-3000:]
+    for text in NEVER_IN_OLDER:
+        assert text not in values["message"] + files["message"], (text, values, files)

@@ -19,6 +19,10 @@ from capture_conformance.harness.protocol.responses import Completion, Savepoint
 from capture_conformance.harness.protocol.tensors import LoadedTensor, load_tensor_file, size_cap
 
 
+# The one wording of a file_path that is not on the harness's machine (the report groups skips by it).
+NOT_REACHABLE = "file not reachable from here"
+
+
 class CaptureRuns:
     def __init__(self, client: CaptureClient, model: str, dialect: str = "protocol-v1"):
         self.client = client
@@ -96,10 +100,14 @@ def _url_of(meta: SavepointMeta) -> str:
 
 
 def _local_file(meta: SavepointMeta, cap: int, dialect: str) -> bytes:
-    """A dialect without downloads: the file at ``file_path``, when the harness runs on the server's host."""
+    """A dialect without downloads: the file at ``file_path``, when the harness runs on the server's host.
+
+    Elsewhere (a remote server's path, or none given) the file cannot be checked: every check that
+    needs it is skipped as "file not reachable from here", which the report lists once.
+    """
     path = meta.raw.get("file_path")
     if not isinstance(path, str) or not os.path.isfile(path):
-        missing("file downloads ('url')", dialect)
+        missing(NOT_REACHABLE, dialect)
     if os.path.getsize(path) > cap:
         raise ServerFault(f"activations_meta[{meta.name!r}]: {path} has {os.path.getsize(path)} bytes, more than "
                           f"the {cap} its metadata admits to")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
+from capture_conformance.harness.protocol.dialects import V1, missing
 from capture_conformance.harness.pytest_plugin.fixtures import _record_fact
 from capture_conformance.harness.protocol.ground_truth import GroundTruth
 from capture_conformance.harness.protocol.reference import ReferenceStatus, Site, get_reference
@@ -68,13 +69,38 @@ class ValueChecks:
                         f"to render the prompt ({self.truth.tokenizer_note or 'no local model directory'})")
         return rendered
 
+    def generated_ids(self, completion: Completion) -> list[int]:
+        """``completion_token_ids``; in a dialect without them, the argmax of greedy all-token logits.
+
+        Under greedy decoding the logits' argmax at step i is generated token i, so an older-family
+        answer (``store_activations``, no ids) is still value-checked: the reference pass runs over
+        the prompt and those ids, and a capture that is not the logits (probabilities, another
+        module) is told apart as everywhere else. The count must agree with ``usage``.
+        """
+        if "completion_token_ids" in completion.body or completion.dialect == V1:
+            return completion.token_ids
+        temperature = completion.request.get("temperature")
+        meta = completion.meta.get("_logits")
+        if temperature not in (0, 0.0) or meta is None or meta.raw.get("tokens", "all") != "all":
+            missing("'completion_token_ids' in chat responses", completion.dialect)
+        tensor = self.runs.tensor(completion, "_logits")
+        if tensor.values.ndim != 3 or tensor.values.shape[0] != 1:
+            raise AssertionError(f"`_logits` is {list(tensor.values.shape)}, not [1, steps, V]: no ids can be read "
+                                 f"from its argmax (the answer has no completion_token_ids)")
+        ids = [int(i) for i in tensor.values[0].argmax(axis=-1)]
+        if len(ids) != completion.usage.completion_tokens:
+            raise AssertionError(f"`_logits` has {len(ids)} steps but usage.completion_tokens is "
+                                 f"{completion.usage.completion_tokens}: the greedy argmax cannot stand in for the "
+                                 f"missing completion_token_ids")
+        return ids
+
     def check(self, completion: Completion, names: list[str] | None = None) -> list[Comparison]:
         """Compare the named savepoints (default: all) of ``completion``; one assertion listing every failure."""
         self.require()
         reference = self.status.reference
         assert reference is not None
         prompt = self.prompt_ids(completion)
-        ids = completion.token_ids
+        ids = self.generated_ids(completion)
         usage = completion.usage
         if usage.prompt_tokens != len(prompt):
             raise AssertionError(
