@@ -86,12 +86,12 @@ class ValueChecks:
         tensor = self.runs.tensor(completion, "_logits")
         if tensor.values.ndim != 3 or tensor.values.shape[0] != 1:
             raise AssertionError(f"`_logits` is {list(tensor.values.shape)}, not [1, steps, V]: no ids can be read "
-                                 f"from its argmax (the answer has no completion_token_ids)")
+                                 f"from its argmax (the answer gives no generated ids)")
         ids = [int(i) for i in tensor.values[0].argmax(axis=-1)]
         if len(ids) != completion.usage.completion_tokens:
             raise AssertionError(f"`_logits` has {len(ids)} steps but usage.completion_tokens is "
                                  f"{completion.usage.completion_tokens}: the greedy argmax cannot stand in for the "
-                                 f"missing completion_token_ids")
+                                 f"generated ids this dialect does not give")
         return ids
 
     def check(self, completion: Completion, names: list[str] | None = None) -> list[Comparison]:
