@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the model runs; auto = cuda when available (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model weights' dtype; auto = float32 on CPU, bfloat16 on CUDA (default: %(default)s)")
+    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N",
+                        help="tensor parallelism: shard the model over N ranks with transformers' tp_plan=\"auto\" "
+                             "(NCCL on GPUs, one per rank; gloo on CPU), started here with torch.distributed.run; "
+                             "under torchrun by hand (multi-node) N must equal WORLD_SIZE. Rank 0 serves HTTP. "
+                             "Turns off mid-generation cancellation and loading other models; see "
+                             "docs/tensor-parallel.md (default: %(default)s)")
     parser.add_argument("--storage-dir", type=Path, default=Path("capture-storage"),
                         help="where captured tensors are written, one directory per run (default: %(default)s)")
     parser.add_argument("--max-new-tokens-limit", type=int, default=4096,
@@ -105,8 +111,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    serve(settings_from_args(build_parser().parse_args(argv)))
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    if args.tp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of a TP group, or its launcher
+        import sys
+
+        from .distributed import main as tensor_parallel_main
+
+        tensor_parallel_main(args.tp, sys.argv[1:] if argv is None else list(argv), settings, serve)
+        return
+    serve(settings)
 
 
 def serve(settings: Settings, app_factory: Callable[..., FastAPI] | None = None) -> None:

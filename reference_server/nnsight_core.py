@@ -240,14 +240,18 @@ class CaptureModel:
         )
 
     @classmethod
-    def load(cls, model_id: str, path: str, device: str = "auto", dtype: str = "auto") -> "CaptureModel":
+    def load(cls, model_id: str, path: str, device: str = "auto", dtype: str = "auto",
+             tp_plan: str | None = None) -> "CaptureModel":
+        """``tp_plan="auto"``: this process is one rank of a tensor-parallel group (see distributed.py)."""
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         else:
             torch_dtype = DTYPES[dtype]
         kwargs = {"dtype": torch_dtype}
-        if device != "cpu":
+        if tp_plan is not None:
+            kwargs["tp_plan"] = tp_plan  # transformers places this rank's shard itself (cuda:LOCAL_RANK or cpu)
+        elif device != "cpu":
             kwargs["device_map"] = device
         nn_model = TransformersModel(path, task="text-generation", dispatch=True, **kwargs)
         nn_model._module.eval()

@@ -311,6 +311,12 @@ class ModelRegistry:
     def workers(self) -> list[ModelWorker]:
         return list(self._workers.values())
 
+    def layout(self) -> dict:
+        """How the models are spread over devices (protocol 1.2 ``layout``): one process here, no sharding.
+        A tensor-parallel server's registry (distributed.TensorParallelRegistry) reports its ranks."""
+        devices = sorted({str(getattr(getattr(w.model, "info", None), "device", self.device)) for w in self.workers()})
+        return {"tp_size": 1, "backend": "none", "devices": devices, "disabled": {}}
+
     def shutdown(self) -> None:
         for worker in self._workers.values():
             worker.shutdown()

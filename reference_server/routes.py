@@ -60,7 +60,7 @@ async def health(request: Request) -> JSONResponse:
         body = {"status": "failed", "detail": failure} if failure else {"status": "loading"}
         return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "ok", "loaded_models": state.registry.ids(), "protocol": PROTOCOL_VERSION,
-                         "capture_budget": state.budget.snapshot()})
+                         "capture_budget": state.budget.snapshot(), "layout": state.registry.layout()})
 
 
 @router.get("/v1/models", dependencies=serving)

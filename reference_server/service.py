@@ -375,6 +375,7 @@ class CaptureService:
                     "object": "model",
                     "created": 0,
                     "owned_by": "capture-server",
+                    "layout": self.registry.layout(),  # protocol 1.2: tp_size, backend, devices
                     "capture": {
                         "vocab_size": info.vocab_size,
                         "hidden_size": info.hidden_size,
