@@ -16,8 +16,8 @@ How it runs:
 - Liveness: while idle, rank 0 pings the group every ``HEARTBEAT_S`` and waits for every rank at a
   monitored barrier; a failed ping, broadcast or generation collective makes /health 503 ("failed")
   and stops the server (the launcher then stops the other ranks). A follower that hears nothing for
-  ``liveness_timeout_s()`` exits (the control group's timeout). Under ``torch.distributed.run`` a rank that dies stops the whole
-  group at once.
+  ``liveness_timeout_s()`` exits (the control group's timeout). Under ``torch.distributed.run`` a rank
+  that dies stops the whole group at once.
 
 Turned off under TP (said in the start-up log and in ``/health``'s ``layout.disabled``):
 - cancelling a generation mid-way (a client that hangs up): a row that stopped on rank 0 only would
