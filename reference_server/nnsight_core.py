@@ -207,8 +207,37 @@ def _unflatten(value: torch.Tensor, row: int, rows: int) -> torch.Tensor:
     return value.reshape(rows, value.shape[0] // rows, *value.shape[1:])[row:row + 1]
 
 
+def _wants_step(entries: list, request: GenerationRequest, solo: bool) -> bool:
+    """Whether this step's value of a savepoint is kept, given the chunks kept so far."""
+    if entries and request.positions == "prompt":
+        return False  # the prompt is all in step 0
+    return not (solo and entries and request.tokens == "first")
+
+
+def _keep_step(value: torch.Tensor, entries: list, request: GenerationRequest, solo: bool) -> None:
+    """Keep this step's chunk of one savepoint's value (``[1, positions, ...]``, this request's row).
+
+    The one per-step capture rule, shared by the nnsight trace and the hooked fast path.
+    """
+    if request.positions != "generated" and not entries:
+        # Left padding in a batch: this row's prompt is the rightmost prompt_len positions.
+        chunk = value[:, value.shape[1] - len(request.prompt_ids):]
+    else:
+        chunk = value[:, -1:]
+    # Clone: a slice is a view that would keep the whole step tensor alive.
+    chunk = chunk.detach().to(request.capture_dtype, copy=True)
+    if solo and entries and request.tokens == "last":
+        entries[-1] = chunk  # bounded memory: only the newest step is kept
+    else:
+        entries.append(chunk)
+
+
 class CaptureModel:
     """One loaded model and what is known about its modules."""
+
+    # Solo requests whose savepoints are all plain module outputs skip the nnsight trace
+    # (see _hooked); False sends every capture through nnsight (the tests compare both).
+    fast_path: bool = True
 
     def __init__(self, model_id: str, nn_model: TransformersModel):
         self.model_id = model_id
@@ -226,6 +255,7 @@ class CaptureModel:
         # (transformers' attribute_map answers the common names: GPT-2's n_positions, n_embd, n_layer.)
         self.context_length = getattr(config, "max_position_embeddings", None)
         self.sites = self._scan_sites()
+        self._called_once = self._modules_called_once()
         self.block_stack = self._block_stack()
         self.head_path = self._head_path(getattr(config, "vocab_size", None))
         # Protocol aliases, bound to this model's own modules: ``logits`` is its output head.
@@ -296,6 +326,19 @@ class CaptureModel:
                 if key in kept and kept[key][0 if site.flat else 1:][:1] != (probe_len,):
                     sites[key] = replace(site, last_only=True)
         return sites
+
+    def _modules_called_once(self) -> set[str]:
+        """Paths of the modules that run exactly once per forward (a shared module may run twice)."""
+        counts: dict[str, int] = {}
+        handles = [module.register_forward_hook(lambda mod, args, out, n=name: counts.__setitem__(n, counts.get(n, 0) + 1))
+                   for name, module in self._module.named_modules()]
+        try:
+            with torch.inference_mode():
+                self._module(input_ids=torch.zeros((1, 7), dtype=torch.long, device=self.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name for name, count in counts.items() if count == 1}
 
     def _probe_shapes(self, probe_len: int, rows: int = 1, **forward_kwargs) -> dict[tuple[str, str], tuple[int, ...]]:
         """(module path, "input"/"output") -> the value's shape, in execution order, from one hooked forward."""
@@ -471,6 +514,38 @@ class CaptureModel:
         such a site need ``logits_to_keep=0``, asked for only when one is captured.
         """
         solo = len(requests) == 1
+        late, width, limits, kwargs, stopper = self._traced_kwargs(requests)
+        plans = [sorted(r.savepoints, key=lambda sp: sp.site.rank) for r in requests]
+        if self.fast_path and solo and self._hookable(plans[0]):
+            return [self._hooked(requests[0], plans[0], kwargs, stopper, late, width, limits)]
+        sites = [[(self._envoy(sp.site.module_path), sp.site.io, sp.site.flat) for sp in plan] for plan in plans]
+        inputs = [torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device) for r in requests]
+        with warnings.catch_warnings():
+            # An open step loop ends when the model stops early (EOS, stop string);
+            # nnsight warns that the remaining steps were "never reached". Expected here.
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with self._nn.generate(**kwargs) as tracer:
+                captured = nnsight.save([[[] for _ in plan] for plan in plans])
+                for row, (input_ids, row_sites, request) in enumerate(zip(inputs, sites, requests)):
+                    steps = request.params.max_new_tokens + (1 if late else 0)
+                    with tracer.invoke(input_ids):
+                        for _step in tracer.iter[:steps]:
+                            for slot, (envoy, io, flat) in enumerate(row_sites):
+                                entries = captured[row][slot]
+                                if not _wants_step(entries, request, solo):
+                                    continue  # skipped before .output: nnsight then does not wait for the module
+                                value = _first_tensor(envoy.output if io == "output" else envoy.input)
+                                if flat:
+                                    value = _unflatten(value, row, len(requests))
+                                _keep_step(value, entries, request, solo)
+                # A second, empty invoke still runs when the loops above ended early.
+                with tracer.invoke():
+                    result = nnsight.save(tracer.result)
+        return [self._generation(row, request, result, plans[row], captured[row], stopper, late, width, limits, solo)
+                for row, request in enumerate(requests)]
+
+    def _traced_kwargs(self, requests: list[GenerationRequest]):
+        """generate's arguments for these requests, the same for the nnsight trace and the hooked fast path."""
         first = requests[0]
         late = first.positions == "sequence"  # batch_key keeps sequence and other requests apart
         width = max(len(r.prompt_ids) for r in requests)
@@ -490,60 +565,69 @@ class CaptureModel:
             kwargs["streamer"] = _TokenStreamer(first.on_token, stopper)
         if any(r.needs_all_logits() for r in requests):
             kwargs["logits_to_keep"] = 0
-        plans = [sorted(r.savepoints, key=lambda sp: sp.site.rank) for r in requests]
-        sites = [[(self._envoy(sp.site.module_path), sp.site.io, sp.site.flat) for sp in plan] for plan in plans]
-        inputs = [torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device) for r in requests]
-        with warnings.catch_warnings():
-            # An open step loop ends when the model stops early (EOS, stop string);
-            # nnsight warns that the remaining steps were "never reached". Expected here.
-            warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with self._nn.generate(**kwargs) as tracer:
-                captured = nnsight.save([[[] for _ in plan] for plan in plans])
-                for row, (input_ids, row_sites, request) in enumerate(zip(inputs, sites, requests)):
-                    steps = request.params.max_new_tokens + (1 if late else 0)
-                    prompt_len = len(request.prompt_ids)
-                    keep_prompt = request.positions != "generated"
-                    with tracer.invoke(input_ids):
-                        for _step in tracer.iter[:steps]:
-                            for slot, (envoy, io, flat) in enumerate(row_sites):
-                                entries = captured[row][slot]
-                                if entries and request.positions == "prompt":
-                                    continue  # the prompt is all in step 0
-                                if solo and entries and request.tokens == "first":
-                                    continue
-                                value = _first_tensor(envoy.output if io == "output" else envoy.input)
-                                if flat:
-                                    value = _unflatten(value, row, len(requests))
-                                if keep_prompt and not entries:
-                                    # Left padding in a batch: this row's prompt is the rightmost prompt_len positions.
-                                    chunk = value[:, value.shape[1] - prompt_len:]
-                                else:
-                                    chunk = value[:, -1:]
-                                # Clone: a slice is a view that would keep the whole step tensor alive.
-                                chunk = chunk.detach().to(request.capture_dtype, copy=True)
-                                if solo and entries and request.tokens == "last":
-                                    entries[-1] = chunk  # bounded memory: only the newest step is kept
-                                else:
-                                    entries.append(chunk)
-                # A second, empty invoke still runs when the loops above ended early.
-                with tracer.invoke():
-                    result = nnsight.save(tracer.result)
-        generations = []
-        for row, request in enumerate(requests):
-            if late:
-                ended = stopper.ended_at[row]
-                new_ids = result[row, width:width + (ended if ended is not None else limits[row])].tolist()
-            else:
-                new_ids = result[row, width:][: request.params.max_new_tokens].tolist()
-                end = next((i + 1 for i, t in enumerate(new_ids) if t in self.eos_token_ids), len(new_ids))
-                new_ids = new_ids[:end]  # after its EOS a row only holds padding
-            if request.cancelled.is_set():  # nobody will read it: no tensors to cut or copy
-                generations.append(self._finish(new_ids, {}))
-                continue
-            tensors = {sp.name: _to_host(self._select(sp, entries, request, len(new_ids), solo))
-                       for sp, entries in zip(plans[row], captured[row])}
-            generations.append(self._finish(new_ids, tensors))
-        return generations
+        return late, width, limits, kwargs, stopper
+
+    def _generation(self, row, request, result, plan, captured, stopper, late, width, limits, solo) -> Generation:
+        """Row ``row`` of a generate's ``result`` and its captured chunks, cut to the request."""
+        if late:
+            ended = stopper.ended_at[row]
+            new_ids = result[row, width:width + (ended if ended is not None else limits[row])].tolist()
+        else:
+            new_ids = result[row, width:][: request.params.max_new_tokens].tolist()
+            end = next((i + 1 for i, t in enumerate(new_ids) if t in self.eos_token_ids), len(new_ids))
+            new_ids = new_ids[:end]  # after its EOS a row only holds padding
+        if request.cancelled.is_set():  # nobody will read it: no tensors to cut or copy
+            return self._finish(new_ids, {})
+        tensors = {sp.name: _to_host(self._select(sp, entries, request, len(new_ids), solo))
+                   for sp, entries in zip(plan, captured)}
+        return self._finish(new_ids, tensors)
+
+    # -- the fast path: forward hooks instead of an nnsight trace ------------------
+
+    def _hookable(self, plan: list[PlannedSavepoint]) -> bool:
+        """Whether every savepoint is a plain module output that forward hooks see as nnsight does.
+
+        Covered: a module's output (first tensor of a tuple), laid out [batch, position, ...],
+        from a module called exactly once per forward. Anything else (inputs, flattened values,
+        modules called several times per forward) goes through nnsight.
+        """
+        return all(sp.site.io == "output" and not sp.site.flat and sp.site.module_path in self._called_once
+                   for sp in plan)
+
+    def _hooked(self, request: GenerationRequest, plan: list[PlannedSavepoint], kwargs: dict, stopper, late: bool,
+                width: int, limits: list[int]) -> Generation:
+        """One solo request served by plain ``generate`` with a forward hook per savepoint.
+
+        nnsight's per-step interleave (a greenlet switch at every module a savepoint waits
+        for, every step) is most of capture's cost on a small model. Each hook hands the
+        module's output to the same per-step code as the nnsight loop (``_wants_step``,
+        ``_keep_step``), on the same generate arguments, so the values are the same, bit
+        for bit (tests/test_fast_path.py compares both paths).
+        """
+        steps = request.params.max_new_tokens + (1 if late else 0)
+        captured: list[list] = [[] for _ in plan]
+        calls = [0] * len(plan)
+        handles = []
+
+        def hook_for(slot: int):
+            def hook(module, args, output) -> None:
+                calls[slot] += 1
+                if calls[slot] > steps:  # nnsight's tracer.iter[:steps] stops there too
+                    return
+                if _wants_step(captured[slot], request, True):
+                    _keep_step(_first_tensor(output), captured[slot], request, True)
+            return hook
+
+        try:
+            for slot, sp in enumerate(plan):
+                handles.append(self._module.get_submodule(sp.site.module_path).register_forward_hook(hook_for(slot)))
+            input_ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                result = self._module.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self._generation(0, request, result, plan, captured, stopper, late, width, limits, True)
 
     @staticmethod
     def _select(sp: PlannedSavepoint, entries: list, request: GenerationRequest, n: int, solo: bool) -> torch.Tensor:
