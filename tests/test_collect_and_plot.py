@@ -72,6 +72,10 @@ def test_collect_writes_manifest_and_files_and_resumes(server, tmp_path):
     again = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["id"] for r in again] == [f"sample-{i:03d}" for i in range(5)]
     assert again[:3] == records  # done work is not redone
+    from capture_conformance.harness.tools.manifest import verify_run
+
+    assert verify_run(out) == []  # the resumed rows were collected under the same, unrewritten settings.json
+    assert len({r["settings_sha256"] for r in again}) == 1
     correct = sum(r["correct"] for r in again)
     assert f"accuracy: {correct}/5 = {100 * correct / 5:.1f}%" in resumed.stdout
 
