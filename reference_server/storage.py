@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import uuid
 from collections import OrderedDict
@@ -63,6 +64,13 @@ class RunStore:
         self.policy = policy
         self._staging = self.root / ".staging"
         shutil.rmtree(self._staging, ignore_errors=True)  # leftovers of a crash are never valid runs
+        if self._staging.is_symlink() or self._staging.is_file():
+            # A stray file (or link) of that name made every capture 507 "File exists" while /health said ok.
+            log.warning("storage: removing a stray %s that is not a directory", self._staging)
+            try:
+                self._staging.unlink()
+            except OSError as exc:
+                log.warning("storage: cannot remove %s: %s", self._staging, exc)
         try:
             self._staging.mkdir(exist_ok=True)
         except OSError as exc:  # a read-only disk: serve what is stored, answer 507 to new captures
@@ -71,6 +79,15 @@ class RunStore:
         # run id -> bytes on disk, oldest first: what retention evicts.
         runs = sorted(self._valid_runs(), key=lambda item: item[1])
         self._sizes: OrderedDict[str, int] = OrderedDict((run_id, size) for run_id, _, size in runs)
+        self._used = sum(self._sizes.values())  # kept with _sizes: no sum over every run per eviction step
+        # Evicted runs are renamed into the trash under the lock (cheap) and deleted by the
+        # janitor thread, off the request path; over the limit at start, it evicts down to it.
+        # The janitor thread runs only while there is work (no idle thread per store).
+        self._janitor_state = threading.Lock()
+        self._janitor_pending = False
+        self._janitor_running = False
+        if self.max_bytes is not None and self._used > self.max_bytes and policy == "evict":
+            self._kick_janitor()
 
     def _valid_runs(self) -> list[tuple[str, float, int]]:
         """(run id, mtime, bytes) of each stored run; anything else named like one is skipped and logged.
@@ -93,21 +110,86 @@ class RunStore:
         return runs
 
     def used_bytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._used
+
+    def _forget(self, run_id: str) -> None:
+        self._used -= self._sizes.pop(run_id, 0)
+
+    def _count(self, run_id: str, nbytes: int) -> None:
+        self._forget(run_id)
+        self._sizes[run_id] = nbytes
+        self._used += nbytes
+
+    def _resync(self) -> None:
+        """Forget runs that are gone from disk (an outside clean-up): the accounting follows the disk."""
+        for run_id in [r for r in self._sizes if not (self.root / r).is_dir()]:
+            self._forget(run_id)
 
     def _make_room(self, needed: int) -> None:
         if self.max_bytes is None:
             return
         if needed > self.max_bytes:
             raise StorageFull(f"a capture of {needed} bytes is larger than the storage limit of {self.max_bytes} bytes (--max-storage-mb)")
-        while self.used_bytes() + needed > self.max_bytes:
+        if self._used + needed > self.max_bytes:
+            self._resync()  # only when over: one stat per run, not per capture
+        while self._used + needed > self.max_bytes:
             if self.policy == "refuse" or not self._sizes:
                 raise StorageFull(f"storage limit of {self.max_bytes} bytes reached (--max-storage-mb); delete runs to make room")
             oldest = next(iter(self._sizes))
             try:
-                self._remove(oldest)
+                self._evict(oldest)
             except FileNotFoundError:  # removed behind the server's back: its bytes are free already
-                self._sizes.pop(oldest, None)
+                self._forget(oldest)
+
+    def _evict(self, run_id: str) -> None:
+        """Take a run out of sight (one rename) and leave its deletion to the janitor."""
+        self._staging.mkdir(exist_ok=True)
+        os.replace(self.root / run_id, self._staging / f"deleted-{run_id}")
+        self._forget(run_id)
+        self._kick_janitor()
+
+    def _kick_janitor(self) -> None:
+        with self._janitor_state:
+            self._janitor_pending = True
+            if self._janitor_running:
+                return
+            self._janitor_running = True
+        threading.Thread(target=self._janitor_loop, name="storage-janitor", daemon=True).start()
+
+    def wait_janitor(self, timeout: float = 30.0) -> bool:
+        """Until the janitor has nothing left to do (start-up eviction, trash); False on timeout."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._janitor_state:
+                if not self._janitor_running:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def _janitor_loop(self) -> None:
+        while True:
+            with self._janitor_state:
+                if not self._janitor_pending:
+                    self._janitor_running = False
+                    return
+                self._janitor_pending = False
+            try:
+                # Over the limit at start: evict one run per step, each under the lock (bounded work).
+                while self.max_bytes is not None and self.policy == "evict":
+                    with self._lock:
+                        if self._used <= self.max_bytes or not self._sizes:
+                            break
+                        oldest = next(iter(self._sizes))
+                        try:
+                            self._evict(oldest)
+                        except FileNotFoundError:
+                            self._forget(oldest)
+                for trash in list(self._staging.glob("deleted-*")) if self._staging.is_dir() else []:
+                    shutil.rmtree(trash, ignore_errors=True)
+            except Exception:  # a janitor that dies would leave the trash forever: log and go on
+                log.exception("storage janitor step failed")
 
     def write_run(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None = None) -> tuple[str, dict[str, StoredFile]]:
         needed = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -119,8 +201,19 @@ class RunStore:
                 # A full disk shows up as OSError (ENOSPC, EFBIG), as RuntimeError from
                 # torch.save's zip writer, or as SafetensorError: all are "could not store".
                 log.warning("storing a capture failed: %s: %s", type(exc).__name__, exc)
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
-                raise StorageFull(f"could not store the capture: {reason}") from None
+                raise StorageFull(f"could not store the capture: {self._failure_reason(exc, needed)}") from None
+
+    def _failure_reason(self, exc: Exception, needed: int) -> str:
+        """What to tell the client: torch's zip writer says "file write failed", not that the disk is full."""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return "no space left on device" + (f" ({exc.strerror})" if exc.strerror else "")
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        if free is not None and free < needed + (1 << 20):
+            return f"no space left on device ({free} bytes free, the capture needs {needed})"
+        return exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
 
     def _write(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None) -> tuple[str, dict[str, StoredFile]]:
         run_id = uuid.uuid4().hex
@@ -160,7 +253,7 @@ class RunStore:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        self._sizes[run_id] = _dir_bytes(self.root / run_id)
+        self._count(run_id, _dir_bytes(self.root / run_id))
         return run_id, stored
 
     def _run_dir(self, run_id: str) -> Path:
@@ -233,11 +326,26 @@ class RunStore:
         trash = self._staging / f"deleted-{run_id}"
         os.replace(self.root / run_id, trash)
         shutil.rmtree(trash, ignore_errors=True)
-        self._sizes.pop(run_id, None)
+        self._forget(run_id)
+
+
+MAX_MANIFEST_BYTES = 16 * 2**20  # ours are a few KiB; a planted giant is not read whole
 
 
 def _read_manifest(run_dir: Path) -> dict:
-    manifest = json.loads((run_dir / MANIFEST).read_text())
+    # Non-blocking and no symlink: a FIFO planted as the manifest hung start-up before the port was bound.
+    fd = os.open(run_dir / MANIFEST, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("manifest is not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"manifest of {info.st_size} bytes is over {MAX_MANIFEST_BYTES}")
+        text = f.read(MAX_MANIFEST_BYTES + 1)
+    try:
+        manifest = json.loads(text)
+    except RecursionError:  # 5000 nested arrays: json's recursion limit, not a run's manifest
+        raise ValueError("manifest is nested too deeply") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
             isinstance(entry, dict) for entry in manifest["files"].values()):
         raise ValueError("manifest is not a run manifest")
