@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-concurrency", action="store_true")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the server, repeatable (e.g. --server-arg=--max-batch=8)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="start the server with --tp N (tensor parallelism over N ranks, see docs/tensor-parallel.md); "
+                        "its memory and CPU figures are then the launcher's, not the ranks' (default: %(default)s)")
     p.add_argument("--server-url", default=None,
                    help="measure an already running server instead of starting one (memory needs --server-pid)")
     p.add_argument("--server-pid", type=int, default=None, help="pid of the --server-url server, for its memory")
@@ -471,7 +474,8 @@ class Bench:
                     self.server = ServerHandle.attach(a.server_url, a.server_pid, a.api_key)
                 else:
                     self.server = ServerHandle.start(server_model, device, self.dtype, tmp / "storage",
-                                                     tmp / "server.log", a.server_arg, a.api_key, a.threads)
+                                                     tmp / "server.log", [*a.server_arg, *(["--tp", str(a.tp)] if a.tp > 1 else [])],
+                                                     a.api_key, a.threads)
             if any(n.startswith("hf-") for n in names):
                 self.hf = anchors.HFAnchor(path, device, self.dtype)
             if "nnsight-logits" in names:
@@ -528,7 +532,7 @@ class Bench:
                 "hidden_size": info.get("hidden_size", config.get("hidden_size")),
                 "vocab_size": info.get("vocab_size", config.get("vocab_size")),
             },
-            "server": {"command": self.server.command, "extra_args": a.server_arg, "url": self.server.url}
+            "server": {"command": self.server.command, "extra_args": a.server_arg, "url": self.server.url, "tp": a.tp}
             if self.server else None,
             "prompts": {"latency": LATENCY_PROMPT, "concurrency": CONCURRENCY_PROMPTS},
             "checks": self.checks,

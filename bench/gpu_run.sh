@@ -12,6 +12,11 @@
 # Sized for about 4 minutes on an H100 with a server that runs one request at a
 # time (about 3.5 min: build and load ~1 min, latency ~1 min, concurrency ~1.5 min);
 # BENCH_TIMEOUT (default 480 s) stops it before the device time runs out.
+#
+# Tensor parallelism (issue 21) on a box with N >= 2 GPUs: BENCH_TP=N adds a second run of the
+# server variants with `capture-server --tp N` (NCCL, one GPU per rank) into
+# bench-results-gpu-tpN.json / bench-gpu-tpN.log, same shape and tokens, BENCH_TP_TIMEOUT
+# (default 480 s) for it; compare its server-* rows with the first run's (TP=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,4 +50,22 @@ timeout "${BENCH_TIMEOUT:-480}" "$PYTHON" -m capture_conformance.bench \
 rc=${PIPESTATUS[0]}
 set -e
 echo "capture-bench exit status: $rc (0 ok, 2 problems reported, 124 timed out)"
+
+if [[ -n "${BENCH_TP:-}" && "${BENCH_TP}" -gt 1 ]]; then
+    gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    if (( gpus < BENCH_TP )); then
+        echo "gpu_run.sh: BENCH_TP=$BENCH_TP needs $BENCH_TP GPUs, torch sees $gpus: TP run skipped"
+        exit "$rc"
+    fi
+    set +e
+    timeout "${BENCH_TP_TIMEOUT:-480}" "$PYTHON" -m capture_conformance.bench \
+        --device cuda --dtype bfloat16 --model-shape qwen3-0.6b --tp "$BENCH_TP" \
+        --tokens 32 --reps 5 --warmup 1 --skip-anchors --skip-concurrency \
+        --only 'server-none,server-logits-pt,server-logits-layers' \
+        --out "$OUT_DIR/bench-results-gpu-tp$BENCH_TP.json" "$@" 2>&1 | tee "$OUT_DIR/bench-gpu-tp$BENCH_TP.log"
+    tp_rc=${PIPESTATUS[0]}
+    set -e
+    echo "capture-bench --tp $BENCH_TP exit status: $tp_rc"
+    (( rc == 0 )) && rc=$tp_rc
+fi
 exit "$rc"

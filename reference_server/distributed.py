@@ -87,6 +87,7 @@ def ensure_tp_compat() -> None:
 def launch(tp: int, argv: list[str]) -> None:
     """Start ``tp`` ranks of ``capture-server argv`` with torch.distributed.run on this host."""
     from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = run.parse_args([
@@ -95,6 +96,9 @@ def launch(tp: int, argv: list[str]) -> None:
     ])
     try:
         run.run(args)
+    except SignalException as exc:
+        # Asked to stop (SIGTERM, Ctrl-C): the launcher has stopped the ranks; a stop, not a failure.
+        log.info("stopped by %s", exc.sigval.name)
     except ChildFailedError as exc:
         failures = ", ".join(f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items()))
         raise SystemExit(f"capture-server: tensor-parallel group stopped: {failures} failed") from None
