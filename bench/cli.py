@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capture-bench",
         description="What activation capture costs: plain transformers, a forward hook, nnsight, and the reference "
                     "server with and without capture, side by side; K concurrent clients; server memory.",
+        epilog="capture-bench overhead [--runs N] [--pairs 8]: the outside ratio alone (a client timing the same "
+               "greedy request with and without capture in interleaved pairs), with its noise and the 1.05 gate; "
+               "see capture-bench overhead --help.",
     )
     p.add_argument("--model", default=TINY_MODEL_ID, help="model id or local directory (default: %(default)s)")
     p.add_argument("--model-shape", choices=sorted(SHAPES), default=None,
