@@ -330,7 +330,9 @@ def test_a_server_without_streaming_is_reported_as_such(tmp_path):
     result = run_pytest(str(SUITES_DIR / "test_streaming.py"), "-rs", "--launch", LEGACY_LAUNCH, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "3 skipped" in output, output
+    # 3 streaming tests skipped as "no streaming", the 4 streamed-vs-unstreamed comparisons as the older
+    # family's missing `capture` object
+    assert "7 skipped" in output, output
     assert "no streaming: asked with stream=true, POST /v1/chat/completions answered 200 (application/json)" in output, output
 
 
