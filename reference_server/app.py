@@ -99,7 +99,7 @@ def create_app(
 
     app = FastAPI(title="NNsight capture reference server", version=PROTOCOL_VERSION, lifespan=lifespan)
     # Added last = runs first: the key is checked before any body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.body_timeout_s)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
     app.state.settings, app.state.registry, app.state.store, app.state.readiness = settings, registry, store, readiness
@@ -119,7 +119,8 @@ def create_app(
         errors = validation_detail(exc.errors())
         where = [".".join(str(part) for part in e.get("loc", ()) if part != "body") for e in errors]
         message = "; ".join(f"{w or 'body'}: {e.get('msg', 'invalid')}" for w, e in zip(where, errors))
-        return JSONResponse(error_body(422, errors, message=message, param=where[0] if where else None),
+        # OpenAI's param is null for an error of the whole body, not "".
+        return JSONResponse(error_body(422, errors, message=message, param=(where[0] or None) if where else None),
                             status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

@@ -66,7 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("CAPTURE_API_KEY") or os.environ.get("CAPTURE_SERVER_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (the scheme in any case) on every endpoint but "
                              "/health (default: $CAPTURE_API_KEY, or its older name $CAPTURE_SERVER_API_KEY; none). "
-                             "A key on the command line shows in ps: prefer the variable")
+                             "A key on the command line shows in ps: prefer the variable or --api-key-file")
+    parser.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
+                        help="read the key from this file (its first line; surrounding whitespace dropped), so that "
+                             "it shows neither in ps nor in the environment; overrides --api-key")
+    parser.add_argument("--header-timeout-s", type=float, default=30.0,
+                        help="close a connection whose request headers are not complete this many seconds after it "
+                             "opened or after its previous response (uvicorn has no such timeout; nginx's is 60 s) "
+                             "(default: %(default)s)")
+    parser.add_argument("--body-timeout-s", type=float, default=30.0,
+                        help="408 when a piece of a request body does not arrive within this many seconds "
+                             "(default: %(default)s)")
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
+                        help="on SIGTERM or Ctrl-C, requests in flight get this many seconds to finish, then the "
+                             "server exits (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body; larger is 413 (default: %(default)s)")
     parser.add_argument("--max-savepoints", type=int, default=64,
@@ -99,7 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_batch=args.max_batch,
         max_batch_tokens=args.max_batch_tokens,
         max_loaded_models=args.max_loaded_models,
-        api_key=args.api_key or None,
+        api_key=_api_key(args),
         max_body_bytes=args.max_body_bytes,
         max_savepoints=args.max_savepoints,
         max_capture_mb=args.max_capture_mb,
@@ -108,7 +121,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         storage_policy=args.storage_policy,
         allow_load=tuple(args.allow_load),
         allow_any_load=args.allow_any_load,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
     )
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file is None:
+        return args.api_key or None
+    try:
+        lines = args.api_key_file.read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"capture-server: cannot read --api-key-file {args.api_key_file}: {exc}") from None
+    if not lines or not lines[0].strip():
+        raise SystemExit(f"capture-server: --api-key-file {args.api_key_file} is empty")
+    return lines[0].strip()
 
 
 def _positive_int(text: str) -> int:
@@ -157,7 +185,12 @@ def serve(settings: Settings, app_factory: Callable[..., FastAPI] | None = None)
     app = (app_factory or create_app)(settings, on_startup_failure=stop_on_failure)
     if not settings.api_key and settings.host in LOOPBACK_BINDS:
         app = LoopbackHostGuard(app)  # a browser page on a rebound name must not reach a keyless local server
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    from .http_timeouts import with_header_timeout
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            http=with_header_timeout(settings.header_timeout_s),
+                            # uvicorn takes whole seconds; at least 1 so that a drain never waits for ever.
+                            timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)))
     server = uvicorn.Server(config)
     server.startup_failed_reason = None
     server.run()

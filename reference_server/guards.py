@@ -7,6 +7,7 @@ it streams in, before it is buffered whole.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
@@ -89,9 +90,12 @@ class LoopbackHostGuard:
 class BodySizeLimit:
     """413 naming the limit when a request body is larger than ``max_bytes``."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, read_timeout_s: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        # Each piece of the body must arrive within this (a client that stops sending holds a
+        # connection and a task for ever otherwise); None waits as long as the client.
+        self.read_timeout_s = read_timeout_s
 
     def _detail(self, size: int | str) -> str:
         return f"request body of {size} bytes is over the limit of {self.max_bytes} bytes (--max-body-bytes)"
@@ -108,7 +112,12 @@ class BodySizeLimit:
         # an exception raised from receive() would reach FastAPI's parser as a 400.
         chunks, received = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                await _send_error(send, 408, f"the request body did not arrive within {self.read_timeout_s:g} s "
+                                             "(--body-timeout-s)")
+                return
             if message["type"] != "http.request":
                 break  # a disconnect: let the app see an empty body and end
             chunks.append(message.get("body", b""))

@@ -32,3 +32,7 @@ class Settings:
     # What POST /models/load may open besides the startup model and the built-in tiny models (registry.LoadPolicy).
     allow_load: tuple[str, ...] = ()
     allow_any_load: bool = False
+    # Slow clients (uvicorn has no header or body read timeout of its own; see docs/reliability.md).
+    header_timeout_s: float = 30.0  # request headers complete within this of connecting or of the last response
+    body_timeout_s: float = 30.0  # each piece of a request body within this, else 408
+    drain_timeout_s: float = 30.0  # on SIGTERM, requests in flight get this long, then the server exits

@@ -159,3 +159,75 @@ def test_a_full_disk_says_no_space_left_on_device(tmp_path, monkeypatch, failure
     with pytest.raises(StorageFull, match="no space left on device"):
         store.write_run({"a": torch.ones(8)}, "pt")
     assert not [p for p in tmp_path.iterdir() if p.name != ".staging"]
+
+
+# -- the small items: param null, slow clients, the drain, a key kept out of ps ----------------
+
+import asyncio  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+
+import psutil  # noqa: E402
+import requests  # noqa: E402
+
+from conftest import ServerProcess  # noqa: E402
+from capture_conformance.reference_server.guards import BodySizeLimit  # noqa: E402
+
+
+@pytest.mark.parametrize("body", [[], "text", 3])
+def test_a_body_level_422_has_param_null(client, body):
+    answer = client.post(CHAT, json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["param"] is None, answer.json()["error"]
+
+
+def test_a_body_that_stops_arriving_is_408():
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the app saw a body that never arrived")
+
+    async def receive():
+        await asyncio.sleep(30)
+
+    async def send(message):
+        sent.append(message)
+
+    guard = BodySizeLimit(app, max_bytes=1 << 20, read_timeout_s=0.2)
+    t0 = time.perf_counter()
+    asyncio.run(guard({"type": "http", "headers": [(b"content-length", b"10")]}, receive, send))
+    assert time.perf_counter() - t0 < 5
+    assert sent[0]["status"] == 408 and b"--body-timeout-s" in sent[1]["body"], sent
+
+
+def test_slow_headers_a_key_file_and_a_bounded_drain(tmp_path, tiny_model_dir):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-from-a-file\n")
+    with ServerProcess(tmp_path, "--api-key-file", str(key_file), "--header-timeout-s", "1",
+                       "--drain-timeout-s", "2") as server:
+        cmdline = " ".join(psutil.Process(server.proc.pid).cmdline())
+        assert "s3cret" not in cmdline, cmdline
+        auth = {"Authorization": "Bearer s3cret-from-a-file"}
+        assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401
+        assert requests.get(server.url + "/v1/models", headers=auth, timeout=10).status_code == 200
+
+        host, port = server.url.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
+        t0 = time.perf_counter()
+        assert slow.recv(100) == b"", "the server answered headers that never ended"
+        assert time.perf_counter() - t0 < 6
+        slow.close()
+
+        # A request in flight whose body never ends (the body timeout is 30 s); SIGTERM: the drain
+        # gives it 2 s, then the process exits (uvicorn alone waits for it as long as the client).
+        held = socket.create_connection((host, int(port)), timeout=10)
+        held.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+                     b"s3cret-from-a-file\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.3)  # the request is in: headers complete, its body being read
+        t0 = time.perf_counter()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
+        took = time.perf_counter() - t0
+        held.close()
+        assert took < 10, f"the drain took {took:.1f} s with --drain-timeout-s 2"
