@@ -166,7 +166,9 @@ def _wait_gone_or_failed(server: ServerProcess, deadline_s: float) -> str:
             return f"exited {server.process.returncode}"
         try:
             status = httpx.get(server.url + "/health", timeout=2).status_code
-        except httpx.HTTPError:
+        except httpx.ConnectError:
+            return "no longer listening"  # it was up: rank 0's HTTP server has stopped
+        except httpx.HTTPError:  # a slow answer on a loaded machine: ask again
             status = None
         if status not in (200, None):
             return f"health {status}"
