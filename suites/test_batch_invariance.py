@@ -22,7 +22,7 @@ import pytest
 
 from capture_conformance.harness.protocol import prompts
 from capture_conformance.harness.protocol.checks import expect_all_clean, rounding_tolerance, watching
-from capture_conformance.harness.protocol.dialects import V1, missing
+from capture_conformance.harness.protocol.dialects import INTERVENTIONS, V1, missing
 from capture_conformance.harness.protocol.responses import Completion
 from capture_conformance.harness.protocol.same_run import difference
 
@@ -42,7 +42,7 @@ SAME_SHAPE = [f"Tell me a short story about a {thing}." for thing in ("fox", "ca
 def setting(capture_client, capture_model, capture_dialect, model_layout):
     """What the server declares (prompt positions, bitwise invariance) and the savepoints of every kind."""
     if capture_dialect != V1:  # mixed capture options need the per-request `capture` object
-        missing("the 'capture' object", capture_dialect)
+        missing("per-request capture" if capture_dialect == INTERVENTIONS else "the 'capture' object", capture_dialect)
     features = (capture_client.capture_block(capture_model) or {}).get("features")
     features = features if isinstance(features, list) else []
     kinds = {"head": model_layout.head, "first": model_layout.block(0), "last": model_layout.block(model_layout.last),
