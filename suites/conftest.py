@@ -13,3 +13,4 @@ from capture_conformance.harness.pytest_plugin.fixtures import (  # noqa: F401  
     shape_snapshot,
 )
 from capture_conformance.harness.pytest_plugin.value_fixtures import server_model_dtype, value_checks, value_reference  # noqa: E402,F401
+from capture_conformance.harness.pytest_plugin.fleet_fixtures import fleet_parity  # noqa: E402,F401

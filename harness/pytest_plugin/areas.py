@@ -30,6 +30,8 @@ AREAS: tuple[Area, ...] = (
     Area("values", "captured values against an independent forward pass of the same checkpoint"),
     Area("streaming", "server-sent events, one chunk per token", required=False),
     Area("positions", "protocol 1.1 prompt and whole-sequence capture (capture.positions)", required=False),
+    Area("parity", "a fleet (several --host): the same greedy requests give the same ids and captures on every "
+                   "host", required=False),
 )
 
 BY_NAME = {area.name: area for area in AREAS}
@@ -38,6 +40,10 @@ OPTIONAL_AREAS = [area.name for area in AREAS if not area.required]
 MARKER = "area"
 # The user property under which the plugin records each suite test's area: it reaches the xdist controller.
 AREA_PROPERTY = "capture_conformance_area"
+# ... and, in a fleet run, the host it ran against.
+HOST_PROPERTY = "capture_conformance_host"
+# The area that talks to every host of a fleet at once; it runs only when there are two or more.
+FLEET_AREA = "parity"
 
 # Optional protocol features (message_forms: list-of-parts content and the `developer` role). A target that lacks one is reported as lacking it (a skip naming it);
 # with --require-feature, and always for the bundled reference server, which has them all, it fails.

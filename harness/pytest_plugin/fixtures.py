@@ -32,8 +32,13 @@ def capture_options(pytestconfig: pytest.Config) -> Options:
 
 
 @pytest.fixture(scope="session")
-def capture_target(pytestconfig: pytest.Config) -> Target:
-    return acquire_target(pytestconfig)
+def capture_target(pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> Target:
+    """The server under test; in a fleet run (several ``--host``) a parametrisation, one host at a time."""
+    host = getattr(request, "param", None)
+    if host is None:
+        return acquire_target(pytestconfig)
+    pytestconfig.stash[STATE].current_host = host
+    return Target(host, managed=False)
 
 
 @pytest.fixture(scope="session")
@@ -157,5 +162,4 @@ def shape_snapshot(request: pytest.FixtureRequest, capture_model: str, ground_tr
 
 def _record_fact(config: pytest.Config, key: str, value: object) -> None:
     """Facts for the report (model, ground truth source); xdist workers send them to the controller."""
-    state = config.stash[STATE]
-    state.facts[key] = value
+    config.stash[STATE].record(key, value)

@@ -31,8 +31,10 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("--host", "test the capture server at this host (or http://host:port URL) instead of starting the bundled one"),
-    Flag("--port", f"port of --host (default {DEFAULT_PORT})", {"type": int}),
+    Flag("--host", "test the capture server at this host (HOST, HOST:PORT or an http://host:port URL) instead of "
+                   "starting the bundled one; repeat for a fleet: every host runs the suites, and the parity area "
+                   "replays the same greedy requests on all of them", {"action": "append", "default": []}),
+    Flag("--port", f"port of a --host given without one (default {DEFAULT_PORT})", {"type": int}),
     Flag("--launch", "start this server command instead of the bundled server; '{port}' is replaced by a free port, "
                      "'{storage_dir}' by a temporary directory, a leading 'python' by this interpreter",
          {"metavar": "CMD"}),
@@ -79,6 +81,26 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
+def host_url(host: str, port: int | None) -> str:
+    """``HOST``, ``HOST:PORT`` or a URL as a base URL; ``port`` applies where the host names none."""
+    if host.startswith(("http://", "https://")):
+        scheme, _, rest = host.rstrip("/").partition("://")
+        if port is not None and not _has_port(rest):
+            return f"{scheme}://{rest}:{port}"
+        return f"{scheme}://{rest}"
+    if _has_port(host):
+        return f"http://{host}"
+    return f"http://{host}:{port or DEFAULT_PORT}"
+
+
+def _has_port(authority: str) -> bool:
+    """``a:1``, ``[::1]:8006``, ``a:1/prefix``; not ``[::1]`` or a bare host."""
+    authority = authority.split("/", 1)[0]
+    if authority.startswith("["):
+        return "]:" in authority
+    return authority.count(":") == 1 and authority.rsplit(":", 1)[1].isdigit()
+
+
 def add_flags(add: Callable[..., Any]) -> None:
     """Declare every flag through ``add``: pytest's ``group.addoption``."""
     for flag in FLAGS:
@@ -104,7 +126,7 @@ def forwarded(namespace: argparse.Namespace) -> list[str]:
 class Options:
     """A run's values of the flags above, read once from pytest's config."""
 
-    host: str | None
+    hosts: tuple[str, ...]
     port: int | None
     launch: str | None
     api_key: str | None
@@ -126,20 +148,32 @@ class Options:
     def of(cls, getoption: Callable[[str], Any]) -> "Options":
         get = getoption
         areas = tuple(name.strip() for value in get("area") or () for name in value.split(",") if name.strip())
-        return cls(get("host"), get("port"), get("launch"), get("api_key"), get("model"), get("expect_vocab"),
+        hosts = tuple(get("host") or ())
+        return cls(hosts, get("port"), get("launch"), get("api_key"), get("model"), get("expect_vocab"),
                    get("expect_hidden"), get("expect_layers"), get("profile"), areas,
                    tuple(get("require_feature") or ()), get("request_timeout"), get("startup_timeout"),
                    get("snapshot_dir"), bool(get("ci")), get("dialect") or "auto", bool(get("keep_runs")))
 
     @property
+    def host(self) -> str | None:
+        return self.hosts[0] if self.hosts else None
+
+    @property
+    def remote_urls(self) -> tuple[str, ...]:
+        """The URL of every ``--host`` (``--port`` alone means localhost); empty when we start a server."""
+        if not self.hosts:
+            return () if self.port is None else (host_url("127.0.0.1", self.port),)
+        return tuple(dict.fromkeys(host_url(host, self.port) for host in self.hosts))
+
+    @property
     def remote_url(self) -> str | None:
-        """The URL of ``--host`` (``--port`` alone means localhost), or None when we start a server."""
-        if self.host is None and self.port is None:
-            return None
-        host = self.host or "127.0.0.1"
-        if host.startswith(("http://", "https://")):
-            return host.rstrip("/") if self.port is None else f"{host.rstrip('/')}:{self.port}"
-        return f"http://{host}:{self.port or DEFAULT_PORT}"
+        """The URL of the (first) ``--host``, or None when we start a server."""
+        return self.remote_urls[0] if self.remote_urls else None
+
+    @property
+    def fleet(self) -> bool:
+        """Several hosts: each runs the suites (a parametrisation of the target), and the parity area runs."""
+        return len(self.remote_urls) > 1
 
     def requires(self, feature: str) -> bool:
         """Whether lacking ``feature`` fails the run: asked for, or the bundled server (which has every one)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, AREAS, BY_NAME, MARKER
+from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, AREAS, BY_NAME, FLEET_AREA, HOST_PROPERTY, MARKER
 from capture_conformance.harness.protocol.missing import FeatureMissing
 from capture_conformance.harness.pytest_plugin.options import PROFILES, Options, add_flags
 from capture_conformance.harness.protocol.server import ManagedServer, ServerStartError
@@ -94,15 +94,18 @@ def pytest_configure(config: pytest.Config) -> None:
         from capture_conformance.harness.pytest_plugin.report import REPORT_PLUGIN, ConformanceReport
 
         config.pluginmanager.register(ConformanceReport(config), REPORT_PLUGIN)
-    if options.remote_url and not is_xdist_worker(config) and not _just_looking(config):
+    if options.fleet and options.launch:
+        raise pytest.UsageError("several --host and --launch exclude each other: a fleet run tests running servers")
+    if options.remote_urls and not is_xdist_worker(config) and not _just_looking(config):
         from capture_conformance.harness.protocol.probe import EXIT_NEEDS_KEY, probe_capture_server, probe_key
 
-        problem = probe_capture_server(options.remote_url, options.api_key, options.startup_timeout)
-        if problem:
-            raise pytest.UsageError(problem)
-        problem = probe_key(options.remote_url, options.api_key)
-        if problem:
-            pytest.exit(problem, returncode=EXIT_NEEDS_KEY)
+        for url in options.remote_urls:  # every host of a fleet, before any test: one line for the one that is not up
+            problem = probe_capture_server(url, options.api_key, options.startup_timeout)
+            if problem:
+                raise pytest.UsageError(problem)
+            problem = probe_key(url, options.api_key)
+            if problem:
+                pytest.exit(problem, returncode=EXIT_NEEDS_KEY)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -142,6 +145,31 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         config.workeroutput[WORKERINPUT_KEY] = dict(config.stash[STATE].facts)  # type: ignore[attr-defined]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A fleet run: every suite test that talks to a target runs once per host (the session fixtures with it)."""
+    options = options_of(metafunc.config)
+    if options.fleet and "capture_target" in metafunc.fixturenames and is_suite_path(Path(str(metafunc.definition.path))):
+        urls = list(options.remote_urls)
+        metafunc.parametrize("capture_target", urls, indirect=True, scope="session", ids=[host_label(u) for u in urls])
+    if "fleet_host" in metafunc.fixturenames:  # the parity area: one verdict per host of the fleet
+        urls = list(options.remote_urls)
+        metafunc.parametrize("fleet_host", urls, ids=[host_label(u) for u in urls])
+
+
+def host_label(url: str) -> str:
+    """A host's name in test ids, reports and file names: ``127.0.0.1:8006``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return (parts.netloc + parts.path.rstrip("/")) or url
+
+
+def host_of(item: pytest.Item) -> str | None:
+    """The host a fleet run's suite item runs against (None outside a fleet run, and for the parity area)."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("capture_target") if callspec is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     options = options_of(config)
     wanted = PROFILES.index(options.profile)
@@ -158,14 +186,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             keep.append(item)
             continue
         area = _declared_area(item)
-        rank[id(item)] = order.get(area, len(order))
+        host = host_of(item)
+        # A fleet run goes host by host (each host's session fixtures are set up once), areas in order within
+        # each; the parity area, which talks to every host, comes last.
+        hosts = options.remote_urls
+        rank[id(item)] = ((hosts.index(host) if host in hosts else len(hosts)) * (len(order) + 1)
+                          + order.get(area, len(order)))
         item.user_properties.append((AREA_PROPERTY, area))
+        if host is not None:
+            item.user_properties.append((HOST_PROPERTY, host))
         level = "smoke" if item.get_closest_marker("smoke") else "full" if item.get_closest_marker("full") else "core"
         excluded = (
             PROFILES.index(level) > wanted
             or (item.get_closest_marker("managed_server") and options.remote_url is not None)
             or (item.get_closest_marker("needs_api_key") and not options.api_key)
             or (areas and area not in areas)
+            or (area == FLEET_AREA and not options.fleet)  # parity needs two hosts or more
             or (dialect is not None and item.get_closest_marker("dialect") is not None
                 and dialect not in item.get_closest_marker("dialect").args)
         )
@@ -210,6 +246,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if not (options.remote_url or options.launch or run_targets_suites(config)):
         return None
     where = options.remote_url or (f"launch: {options.launch}" if options.launch else "bundled reference server")
+    if options.fleet:
+        where = f"fleet of {len(options.remote_urls)} hosts: {', '.join(options.remote_urls)}"
     return [f"capture-conformance: target {where}, profile {options.profile}"]
 
 
@@ -267,13 +305,15 @@ def _known_dialect(config: pytest.Config, options: Options) -> str | None:
 
     if options.dialect != "auto":
         return options.dialect
-    if options.remote_url:
+    if options.remote_urls:
         from capture_conformance.harness.protocol.client import CaptureClient, ServerFault
 
         try:
-            return detect(CaptureClient(options.remote_url, api_key=options.api_key, timeout_s=10.0).health().json())
+            found = {detect(CaptureClient(url, api_key=options.api_key, timeout_s=10.0).health().json())
+                     for url in options.remote_urls}
         except ServerFault:
             return None
+        return found.pop() if len(found) == 1 else None  # a mixed fleet: dialect tests skip at run time instead
     return None if options.launch else V1
 
 
@@ -282,7 +322,11 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 
 def is_suite_item(item: pytest.Item) -> bool:
-    return _within(Path(str(item.path)), SUITES_DIR)
+    return is_suite_path(Path(str(item.path)))
+
+
+def is_suite_path(path: Path) -> bool:
+    return _within(path, SUITES_DIR)
 
 
 def run_targets_suites(config: pytest.Config) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from capture_conformance.harness import PROTOCOL_VERSION
-from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, OPTIONAL_AREAS, REQUIRED_AREAS
+from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, HOST_PROPERTY, OPTIONAL_AREAS, REQUIRED_AREAS
 from capture_conformance.harness.pytest_plugin.diagnoses import group as group_causes
 from capture_conformance.harness.pytest_plugin.diagnoses import missing_features
 from capture_conformance.harness.pytest_plugin.html_report import HTML_FILE, write_html
@@ -51,6 +51,7 @@ class CaseResult:
     duration_s: float = 0.0
     message: str = ""
     snapshot: dict | None = None  # {"outcome": recorded|compared|updated, "path", "model"} for snapshot tests
+    host: str | None = None  # a fleet run: the host the test ran against (None: a single target, or the parity area)
 
 
 @dataclass
@@ -174,6 +175,8 @@ class ConformanceReport:
         for key, value in getattr(report, "user_properties", None) or ():
             if key == USER_PROPERTY and isinstance(value, dict):
                 result.snapshot = value
+            elif key == HOST_PROPERTY:
+                result.host = value
         if report.when == "call":
             if report.failed:
                 result.outcome, result.message = "failed", _message(report)
@@ -187,18 +190,51 @@ class ConformanceReport:
     # -- results ------------------------------------------------------------------------------
 
     @property
+    def fleet_hosts(self) -> tuple[str, ...]:
+        """The hosts of a fleet run (several ``--host``), else empty."""
+        options = self._options()
+        return options.remote_urls if options is not None and options.fleet else ()
+
+    def _options(self):
+        """The run's options (None for a report built outside a pytest run, as the tests of the verdict do)."""
+        from capture_conformance.harness.pytest_plugin.state import STATE
+
+        stash = getattr(self.config, "stash", None)
+        state = stash.get(STATE, None) if stash is not None else None
+        return state.options if state is not None else None
+
+    def results_of(self, host: str | None = None) -> list[CaseResult]:
+        """One host's results (a fleet run), or the run's own: a single target's, or a fleet's parity area."""
+        return [r for r in self.results.values() if r.host == host]
+
+    @property
     def passed(self) -> bool:
         """The run's verdict, one definition for the JSON, the table and ``capture-conformance``'s exit status.
 
         A server that lacks fields or routes of protocol v1 is not v1-conformant, however clean the rest is.
+        A fleet passes when every host does and the parity area does.
         """
-        return (self.summary.passed and self.exit_status in (0, None)
-                and not missing_features(self.results.values()))
+        if self.fleet_hosts:
+            from capture_conformance.harness.pytest_plugin.areas import FLEET_AREA
+
+            parity = self.results_of(None)
+            areas = self._options().areas
+            parity_asked = not areas or FLEET_AREA in areas  # --area without parity: the hosts' verdicts alone
+            return (all(self.passed_of(host) for host in self.fleet_hosts) and self.exit_status in (0, None)
+                    and (bool(parity) or not parity_asked) and all(r.outcome == "passed" for r in parity))
+        return self.passed_of(None)
+
+    def passed_of(self, host: str | None) -> bool:
+        results = self.results_of(host)
+        # In a fleet run, pytest's status 1 ("some test failed") may be another host's: a host's own verdict
+        # reads its own results; an interrupted or broken session (2 and above) fails every host.
+        fine = (0, 1, None) if self.fleet_hosts else (0, None)
+        return summarize(results).passed and self.exit_status in fine and not missing_features(results)
 
     @property
     def summary(self) -> Summary:
         if self._summary is None:
-            self._summary = summarize(list(self.results.values()))
+            self._summary = summarize(self.results_of(None))
         return self._summary
 
     @pytest.hookimpl(trylast=True)
@@ -206,22 +242,30 @@ class ConformanceReport:
         self.exit_status = int(exitstatus)
         self._summary = None
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.fleet_hosts:
+            from capture_conformance.harness.pytest_plugin.fleet_report import write_fleet
+
+            write_fleet(self)
+            return
         report = self.as_json()  # one dict, two renderings: the JSON and the HTML page
         (self.directory / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         write_html(report, self.directory)
 
-    def as_json(self) -> dict[str, Any]:
-        from capture_conformance.harness.pytest_plugin.state import STATE, options_of
+    def as_json(self, host: str | None = None) -> dict[str, Any]:
+        """The report of the run's target, or of one host of a fleet run."""
+        from capture_conformance.harness.pytest_plugin.state import STATE, Target, host_facts, options_of
 
         options = options_of(self.config)
         state = self.config.stash.get(STATE, None)
-        facts = dict(state.facts) if state else {}
-        target = state.target if state else None
-        summary = self.summary
+        facts = host_facts(state.facts, host) if state else {}
+        target = (Target(host, managed=False) if host else state.target) if state else None
+        results = self.results_of(host)
+        summary = summarize(results)
+        passed = self.passed_of(host)
         return {
             "tool": "capture-conformance",
             "protocol": PROTOCOL_VERSION,
-            "passed": self.passed,
+            "passed": passed,
             "capture_level": summary.capture_level,
             "profile": options.profile,
             "target": {
@@ -239,20 +283,28 @@ class ConformanceReport:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "duration_s": round(time.time() - self.started, 2),
             "python": platform.python_version(),
-            "snapshots": snapshot_summary(list(self.results.values())),
-            "diagnoses": group_causes(self.results.values(), AREAS + OPTIONAL_AREAS),
-            "missing_from_protocol_v1": missing_features(self.results.values()),
+            "snapshots": snapshot_summary(results),
+            "diagnoses": group_causes(results, AREAS + OPTIONAL_AREAS),
+            "missing_from_protocol_v1": missing_features(results),
             "areas": {name: {**asdict(area)} for name, area in summary.areas.items()},
-            "tests": [asdict(r) for r in self.results.values()],
+            "tests": [asdict(r) for r in results],
         }
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        for line in self.table_lines():
+        if self.fleet_hosts:
+            from capture_conformance.harness.pytest_plugin.fleet_report import fleet_lines
+
+            lines = [line for host in self.fleet_hosts for line in self.table_lines(host)] + fleet_lines(self)
+        else:
+            lines = self.table_lines()
+        for line in lines:
             terminalreporter.write_line(line)
 
-    def table_lines(self) -> list[str]:
-        summary = summarize(list(self.results.values()))
-        report = self.as_json()
+    def table_lines(self, host: str | None = None) -> list[str]:
+        results = self.results_of(host)
+        summary = summarize(results)
+        report = self.as_json(host)
+        directory = self.host_directory(host)
         truth = report["ground_truth"] or {}
         lines = [
             "",
@@ -269,7 +321,7 @@ class ConformanceReport:
             if area.first_failure:
                 first = f"{area.first_failure['test']}: {area.first_failure['message'].splitlines()[0][:110]}"
             else:
-                skipped = [r for r in self.results.values() if r.area == name and r.outcome == "skipped"]
+                skipped = [r for r in results if r.area == name and r.outcome == "skipped"]
                 if skipped:
                     first = f"(skipped: {skipped[0].message.splitlines()[0][:100] if skipped[0].message else ''})"
             lines.append(f"{name:<14}{area.passed:>7}{failed:>7}{area.skipped:>8}  {first}")
@@ -302,8 +354,16 @@ class ConformanceReport:
                          f"{cleanup['left']} left{why}")
         verdict = "PASSED" if report["passed"] else "FAILED"
         lines.append(f"capture level: {summary.capture_level}    profile {report['profile']}: {verdict}")
-        lines.append(f"report: {self.directory / REPORT_FILE}  (page: {self.directory / HTML_FILE})")
+        lines.append(f"report: {directory / REPORT_FILE}  (page: {directory / HTML_FILE})")
         return lines
+
+    def host_directory(self, host: str | None) -> Path:
+        """Where a report goes: the run's directory, or ``hosts/<host>/`` under it for one host of a fleet."""
+        if host is None:
+            return self.directory
+        from capture_conformance.harness.pytest_plugin.fleet_report import host_dir_name
+
+        return self.directory / "hosts" / host_dir_name(host)
 
 
 def _layout_line(layout: dict | None) -> str:

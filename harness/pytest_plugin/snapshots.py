@@ -60,6 +60,23 @@ def ci_from_env(environ: dict | None = None) -> bool:
     return (environ if environ is not None else os.environ).get("CI", "").strip().lower() in CI_TRUE
 
 
+def snapshot_name(node: pytest.Item) -> str:
+    """The test's name without the host of a fleet run: every host of a fleet compares with one snapshot."""
+    callspec = getattr(node, "callspec", None)
+    host = callspec.params.get("capture_target") if callspec is not None else None
+    if not isinstance(host, str):
+        return node.name
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(host)
+    label = (parts.netloc + parts.path.rstrip("/")) or host  # the id plugin.host_label gives the host
+    name = node.name
+    for old, new in ((f"[{label}]", ""), (f"[{label}-", "["), (f"-{label}]", "]"), (f"-{label}-", "-")):
+        if old in name:
+            return name.replace(old, new, 1)
+    return name
+
+
 def default_root() -> Path:
     return Path.cwd() / DEFAULT_DIR_NAME
 
@@ -120,7 +137,7 @@ class ShapeSnapshot:
         self.updating = updating
         self.ci = ci
         module = Path(str(node.path)).stem
-        self.relative = Path(model_slug(model_id)) / module / f"{node.name}.json"
+        self.relative = Path(model_slug(model_id)) / module / f"{snapshot_name(node)}.json"
 
     @property
     def write_path(self) -> Path:

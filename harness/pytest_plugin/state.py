@@ -56,6 +56,27 @@ class HarnessState:
     failed_start: bool = False
     options: "Options | None" = None  # read once, in pytest_configure
     facts: dict = field(default_factory=dict)  # model and ground truth as the tests saw them, for the report
+    # A fleet run (several --host): the host whose session fixtures are set up now; facts are kept per host.
+    current_host: str | None = None
+
+    def record(self, key: str, value: object) -> None:
+        """One fact for the report; in a fleet run under the current host's prefix (see ``host_facts``)."""
+        self.facts[fact_key(self.current_host, key)] = value
+
+
+HOST_FACT = "host:"  # "host:<url>|<key>": a fact of one host of a fleet run
+
+
+def fact_key(host: str | None, key: str) -> str:
+    return key if host is None else f"{HOST_FACT}{host}|{key}"
+
+
+def host_facts(facts: dict, host: str | None) -> dict:
+    """The facts of one host of a fleet run (``None``: a single-target run's own, unprefixed facts)."""
+    if host is None:
+        return {k: v for k, v in facts.items() if not k.startswith(HOST_FACT)}
+    prefix = f"{HOST_FACT}{host}|"
+    return {k[len(prefix):]: v for k, v in facts.items() if k.startswith(prefix)}
 
 
 STATE = pytest.StashKey[HarnessState]()
