@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ class StoredFile:
 
 def size_mb(numel: int, dtype: torch.dtype) -> float:
     return round(numel * dtype.itemsize / 2**20, 2)
+
+
+# Evictions one write does itself before leaving the rest to the janitor (a backlog of
+# thousands of runs took 185 s inside the first capture before issue 20).
+MAX_EVICTIONS_PER_WRITE = 64
 
 
 class RunStore:
@@ -132,9 +138,15 @@ class RunStore:
             raise StorageFull(f"a capture of {needed} bytes is larger than the storage limit of {self.max_bytes} bytes (--max-storage-mb)")
         if self._used + needed > self.max_bytes:
             self._resync()  # only when over: one stat per run, not per capture
+        evicted = 0
         while self._used + needed > self.max_bytes:
             if self.policy == "refuse" or not self._sizes:
                 raise StorageFull(f"storage limit of {self.max_bytes} bytes reached (--max-storage-mb); delete runs to make room")
+            if evicted >= MAX_EVICTIONS_PER_WRITE:
+                # Bounded work on the request path: the janitor evicts the rest right after.
+                self._kick_janitor()
+                return
+            evicted += 1
             oldest = next(iter(self._sizes))
             try:
                 self._evict(oldest)
@@ -158,8 +170,6 @@ class RunStore:
 
     def wait_janitor(self, timeout: float = 30.0) -> bool:
         """Until the janitor has nothing left to do (start-up eviction, trash); False on timeout."""
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._janitor_state:
@@ -186,6 +196,7 @@ class RunStore:
                             self._evict(oldest)
                         except FileNotFoundError:
                             self._forget(oldest)
+                    time.sleep(0)  # between steps a capture waiting for the lock gets it
                 for trash in list(self._staging.glob("deleted-*")) if self._staging.is_dir() else []:
                     shutil.rmtree(trash, ignore_errors=True)
             except Exception:  # a janitor that dies would leave the trash forever: log and go on
