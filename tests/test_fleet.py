@@ -70,7 +70,8 @@ def test_a_fleet_of_two_correct_servers_passes_with_a_report_per_host_and_parity
         assert all(t["host"] == host["url"] for t in own["tests"]), own["tests"][:2]
         assert {t["area"] for t in own["tests"]} >= {"health", "single_token", "multi_token"}
     table = report["parity"]["table"]
-    assert table["ok"] and table["hosts"] == good and len(report["parity"]["tests"]) == 2
+    assert table["ok"] and table["hosts"] == [*good, "reference (independent forward pass)"]
+    assert len(report["parity"]["tests"]) == 2  # one verdict per host; the reference votes, it is not judged
     assert set(table["savepoints"]) == {"head", "block_first", "block_last", "block_mid_input"}
     assert {"short/prompt", "long/generated"} <= set(table["cases"]), table["cases"]
     assert all(v["deviation"] <= v["tolerance"] for v in table["verdicts"]), table["verdicts"]
@@ -89,3 +90,13 @@ def test_parity_names_the_host_on_another_checkpoint(fleet, tmp_path):
     failed = [t for t in report["parity"]["tests"] if t["outcome"] == "failed"]
     assert len(failed) == 1 and off.removeprefix("http://") in failed[0]["nodeid"], failed
     assert f"DISAGREES {off}" in result.stdout
+
+
+def test_of_two_hosts_the_independent_reference_names_the_one_that_is_off(fleet, tmp_path):
+    good, off = fleet
+    result, report = _run(tmp_path, [good[0], off], "--area", "parity")
+    assert result.returncode == 1, result.stdout[-3000:]
+    verdicts = {v["url"]: v for v in report["parity"]["table"]["verdicts"]}
+    assert [url for url, v in verdicts.items() if not v["ok"]] == [off], verdicts
+    assert verdicts["reference (independent forward pass)"]["ok"] and verdicts[good[0]]["ok"]
+    assert report["parity"]["table"]["note"] == ""

@@ -88,6 +88,7 @@ class HostCapture:
     ids: list[int]
     values: dict[str, np.ndarray]
     model_dtype: str | None = None
+    prompt_ids: list[int] | None = None  # the server's prompt_token_ids, where it gives them
 
 
 @dataclass
@@ -108,10 +109,43 @@ def replay(url: str, runs: CaptureRuns, layout: Layout, replay_cases: tuple[Case
                        "dtype": CAPTURE_DTYPE, **({"positions": case.positions} if case.positions != "generated" else {})}
             completion = runs.chat(case.prompt, STEPS, capture=capture, temperature=0, cached=False)
             values = {p.name: runs.tensor(completion, p.name).values for p in points}
-            result.captures[case.name] = HostCapture(list(completion.token_ids), values, model_dtype)
+            given = completion.body.get("prompt_token_ids")
+            prompt_ids = [int(i) for i in given] if isinstance(given, list) and given else None
+            result.captures[case.name] = HostCapture(list(completion.token_ids), values, model_dtype, prompt_ids)
     except AssertionError as exc:  # ServerFault: the request or a download failed
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return result
+
+
+# The independent forward pass as a voter: where the model is local, it breaks the tie of two hosts.
+REFERENCE = "reference (independent forward pass)"
+
+
+def reference_replay(reference, replays: list[HostReplay], points: tuple[Savepoint, ...]) -> HostReplay | None:
+    """What the values area's reference model computes for the fleet's cases, as one more voter.
+
+    Teacher-forced on the ids most hosts answered (its own greedy ids are the argmax of its
+    logits there); the prompt ids are those the hosts report. None when no host gives prompt ids.
+    """
+    out = HostReplay(REFERENCE)
+    answered = [r for r in replays if not r.error]
+    for case_name in sorted({c for r in answered for c in r.captures}):
+        captures = [r.captures[case_name] for r in answered if case_name in r.captures]
+        majority = max(captures, key=lambda c: sum(o.ids == c.ids for o in captures))
+        prompt = next((c.prompt_ids for c in captures if c.prompt_ids and c.ids == majority.ids), None)
+        if prompt is None:
+            return None
+        sites = {p.name: reference.site(p.selector(reference.layout)) for p in points if p.name in majority.values}
+        full = reference.values(prompt, majority.ids, list(sites.values()))
+        start, steps = len(prompt) - 1, len(majority.ids)
+        values = {}
+        for name, site in sites.items():
+            rows = full[site][:len(prompt)] if case_name.endswith("/prompt") else full[site][start:start + steps]
+            values[name] = rows[None].astype(np.float32)
+        head = full[sites["head"]] if "head" in sites else None
+        ids = [int(i) for i in head[start:start + steps].argmax(axis=-1)] if head is not None else list(majority.ids)
+        out.captures[case_name] = HostCapture(ids, values, "float32", prompt)
+    return out
 
 
 @dataclass
@@ -187,7 +221,8 @@ class ParityTable:
 
     @property
     def ok(self) -> bool:
-        return all(v.ok for v in self.verdicts)
+        """Every host agrees with the fleet (the reference, where it voted, is not a host)."""
+        return all(v.ok for v in self.verdicts if v.url != REFERENCE)
 
     def verdict(self, url: str) -> HostVerdict:
         return next(v for v in self.verdicts if v.url == url)
@@ -237,7 +272,7 @@ def judge(replays: list[HostReplay], savepoint_names: list[str]) -> ParityTable:
                 f"relative difference {worst.max_rel:.3g} at {worst.worst} > {worst.tolerance:.3g}"))
         verdicts.append(HostVerdict(replay_.url, deviation, tolerance, ok, why))
     note = ""
-    if len(hosts) == 2 and not all(v.ok for v in verdicts):
+    if len(hosts) == 2 and REFERENCE not in hosts and not all(v.ok for v in verdicts):
         note = ("two hosts disagree and the harness cannot tell which is wrong: add a third host, or read each "
                 "host's values area (an independent forward pass, where the model is local)")
     cases_seen = sorted({c for r in replays for c in r.captures})
@@ -245,8 +280,12 @@ def judge(replays: list[HostReplay], savepoint_names: list[str]) -> ParityTable:
 
 
 def run_parity(targets: list[tuple[str, CaptureRuns, Layout, str | None]], *, with_prompt_positions: bool,
-               on_host: Callable[[str], None] | None = None) -> ParityTable:
-    """Replay the cases on every ``(url, runs, layout, model_dtype)`` and judge the fleet."""
+               reference=None, on_host: Callable[[str], None] | None = None) -> ParityTable:
+    """Replay the cases on every ``(url, runs, layout, model_dtype)`` and judge the fleet.
+
+    ``reference``: the values area's ``Reference`` of the model where it is available locally;
+    it then votes too (and is reported as a row of its own, never as a host).
+    """
     replay_cases = cases(with_prompt_positions)
     replays = []
     for url, runs, layout, dtype in targets:
@@ -254,4 +293,10 @@ def run_parity(targets: list[tuple[str, CaptureRuns, Layout, str | None]], *, wi
             on_host(url)
         replays.append(replay(url, runs, layout, replay_cases, dtype))
     num_blocks = min(layout.num_blocks for _, _, layout, _ in targets)
-    return judge(replays, [p.name for p in savepoints_for(num_blocks)])
+    points = savepoints_for(num_blocks)
+    voter = reference_replay(reference, replays, points) if reference is not None else None
+    table = judge(replays + ([voter] if voter else []), [p.name for p in points])
+    if voter is None and table.note:
+        table.note += (" (no independent reference could vote: the model is not available locally, or the hosts "
+                       "give no prompt_token_ids)")
+    return table

@@ -18,6 +18,7 @@ from capture_conformance.harness.protocol.dialects import loaded_models
 from capture_conformance.harness.protocol.ground_truth import locate_model_dir
 from capture_conformance.harness.protocol.layout import discover_layout
 from capture_conformance.harness.protocol.parity import ParityTable, run_parity
+from capture_conformance.harness.protocol.reference import get_reference
 from capture_conformance.harness.protocol.runs import CaptureRuns
 from capture_conformance.harness.pytest_plugin.state import STATE, options_of
 
@@ -42,12 +43,26 @@ def fleet_parity(pytestconfig: pytest.Config) -> ParityTable:
         features = block.get("features") if isinstance(block.get("features"), list) else []
         targets.append((url, CaptureRuns(client, model), layout, dtype, "prompt" in features))
     try:
-        table = run_parity([t[:4] for t in targets], with_prompt_positions=all(t[4] for t in targets))
+        table = run_parity([t[:4] for t in targets], with_prompt_positions=all(t[4] for t in targets),
+                           reference=_reference(pytestconfig, targets))
     finally:
         for client, ledger in ledgers:
             ledger.clean(client, keep=options.keep_runs)
     pytestconfig.stash[STATE].facts[PARITY_FACT] = _json_safe(table.as_dict())
     return table
+
+
+def _reference(config: pytest.Config, targets: list) -> object | None:
+    """The values area's reference of the fleet's model, where it is available locally (else None)."""
+    models = {t[1].model for t in targets}
+    if len(models) != 1:
+        return None  # hosts serving different ids: no one reference stands for all of them
+    model = models.pop()
+    model_dir = locate_model_dir(model)
+    status = get_reference(model, reference_model=config.getoption("reference_model", None),
+                           device=config.getoption("reference_device", None) or "cpu",
+                           model_dir=str(model_dir) if model_dir else None)
+    return status.reference if status.available else None
 
 
 def _first_loaded(client: CaptureClient) -> str:
