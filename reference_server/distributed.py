@@ -23,8 +23,8 @@ Turned off under TP (said in the start-up log and in ``/health``'s ``layout.disa
 - cancelling a generation mid-way (a client that hangs up): a row that stopped on rank 0 only would
   end the ranks' generate at different steps, and their collectives would no longer match. Queued
   requests of a client that left are still dropped before they start.
-- ``POST /models/load`` of another model (409): every rank would have to load it in lockstep; serve
-  it with a server of its own.
+- ``POST /models/load`` of another model (403, the protocol's answer to a load a rule forbids): every
+  rank would have to load it in lockstep; serve it with a server of its own.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 
-from .errors import Conflict
+from .errors import Forbidden, Unprocessable
 from .registry import ModelRegistry
 from .settings import Settings
 from .types import GenerationRequest
@@ -53,9 +53,13 @@ DISABLED = {
         "a client that hangs up no longer stops its running generation: a row stopped on rank 0 only would "
         "end the ranks' generate at different steps and their collectives would no longer match (queued "
         "requests of a client that left are still dropped)"),
-    "models_load": ("POST /models/load of another model is 409: every rank would have to load it in lockstep; "
+    "models_load": ("POST /models/load of another model is 403: every rank would have to load it in lockstep; "
                     "serve it with a server of its own"),
 }
+# Parallel styles whose module output nnsight 0.8.1 cannot gather: a vocabulary-parallel embedding's
+# value carries a single-use _MaskPartial, and parking on it fails inside torch with a bare AssertionError
+# (nnsight.modeling.tp.fragments says so). Such a savepoint is served from a site that holds the same tensor.
+UNGATHERABLE_OUTPUTS = ("embedding_rowwise",)
 
 
 def liveness_timeout_s() -> float:
@@ -142,7 +146,51 @@ def _load(settings: Settings, model_id: str, device: str):
     # store this rank's piece: a column-parallel projection's half width.
     if hasattr(model, "fast_path"):
         model.fast_path = False
+    model.tp_stand_ins = _stand_ins(model)  # a forward on every rank: its collectives must match
     return model
+
+
+def _stand_ins(model) -> dict:
+    """(module path, "output") of an ungatherable site -> a later site that holds the very same tensor,
+    or None where none does; found by one hooked forward (hooks see the finished, whole values)."""
+    import torch
+    from transformers.distributed.tensor_parallel import _get_parameter_plan
+
+    module = model._module  # the transformers model under the nnsight wrapper
+    plan = getattr(module, "tp_plan", None) or {}
+    bad = [name for name, _ in module.named_modules()
+           if name and (name, "output") in model.sites
+           and _get_parameter_plan(name, plan, is_weight=False) in UNGATHERABLE_OUTPUTS]
+    if not bad:
+        return {}
+    values: dict = {}
+
+    def record(key, value) -> None:
+        while isinstance(value, (tuple, list)) and value:
+            value = value[0]
+        if torch.is_tensor(value) and key not in values:
+            values[key] = value.detach().clone()
+
+    handles = []
+    for name, sub in module.named_modules():
+        handles.append(sub.register_forward_pre_hook(
+            lambda mod, args, kwargs, n=name: record((n, "input"), args[0] if args else None), with_kwargs=True))
+        handles.append(sub.register_forward_hook(lambda mod, args, out, n=name: record((n, "output"), out)))
+    try:
+        ids = torch.arange(1, 8, dtype=torch.long, device=model.device).reshape(1, 7)
+        with torch.inference_mode():
+            module(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = {}
+    for name in bad:
+        site, want = model.sites[(name, "output")], values.get((name, "output"))
+        later = sorted((s for s in model.sites.values() if s.rank > site.rank), key=lambda s: s.rank)
+        found[(name, "output")] = next(
+            (s for s in later if want is not None and (v := values.get((s.module_path, s.io))) is not None
+             and v.shape == want.shape and torch.equal(v, want)), None)
+    return found
 
 
 def _meet(device: str) -> list[str]:
@@ -185,6 +233,17 @@ class LockstepModel:
         if name == "_inner":  # not set yet: no recursion
             raise AttributeError(name)
         return getattr(self._inner, name)
+
+    def site(self, selector):
+        found = self._inner.site(selector)
+        key = (found.module_path, found.io)
+        stand_ins = getattr(self._inner, "tp_stand_ins", {})
+        if key not in stand_ins:
+            return found
+        if stand_ins[key] is None:
+            raise Unprocessable(f"selector {selector.text!r} cannot be captured under --tp: nnsight 0.8.1 cannot "
+                                "gather a vocabulary-parallel embedding's output, and no later module takes it as is")
+        return stand_ins[key]  # the same tensor, at a site nnsight can gather
 
     def _send(self, job) -> None:
         self._dist.broadcast_object_list([job], src=0, group=self._control)
@@ -272,7 +331,7 @@ def _request(spec: dict) -> GenerationRequest:
 
 
 class TensorParallelRegistry(ModelRegistry):
-    """The registry of a TP server: its one model loaded on every rank; loading another is 409."""
+    """The registry of a TP server: its one model loaded on every rank; loading another is 403."""
 
     def __init__(self, settings: Settings, control, device: str, on_failure):
         super().__init__(device=device, dtype=settings.dtype, max_batch=settings.max_batch,
@@ -293,13 +352,17 @@ class TensorParallelRegistry(ModelRegistry):
         log.info("tensor parallel: %d ranks, backend %s, devices %s", layout["tp_size"], layout["backend"], devices)
         for what, why in DISABLED.items():
             log.warning("tensor parallel turns off %s: %s", what, why)
+        for (path, io), stand_in in getattr(inner, "tp_stand_ins", {}).items():
+            log.info("tensor parallel: %s.%s is served from %s.%s, the same tensor (nnsight 0.8.1 cannot gather a "
+                     "vocabulary-parallel embedding's output)%s", path, io, *(
+                         (stand_in.module_path, stand_in.io, "") if stand_in else ("-", "-", ": refused, 422")))
         return self.lockstep
 
     def load(self, model_id: str, device: str | None = None, dtype: str | None = None) -> bool:
         if self.ids():
             if self.loaded_id(model_id) is not None:
                 return False
-            raise Conflict(f"this tensor-parallel server (--tp {self.lockstep.layout['tp_size']}) serves only its "
+            raise Forbidden(f"this tensor-parallel server (--tp {self.lockstep.layout['tp_size']}) serves only its "
                            f"startup model {self.ids()[0]!r}: loading {model_id!r} would need every rank to load "
                            "it in lockstep; serve it with a server of its own")
         return super().load(model_id, device, dtype)

@@ -27,7 +27,9 @@ from conftest import ServerProcess, chat_body, inner_pytest_env, make_client
 
 # Sharded matmuls sum in another order: the issue measured 7.6e-6 on logits of magnitude ~30.
 ATOL, RTOL = 1e-4, 1e-5
-SAVEPOINTS = ["lm_head", "model.layers.0", "model.layers.1.mlp.up_proj"]
+# The embeddings are vocabulary-parallel (nnsight cannot gather their output: served from layers.0's input),
+# up_proj is column-parallel, lm_head gathers its output, a block's output is all-reduced.
+SAVEPOINTS = ["model.embed_tokens", "lm_head", "model.layers.0", "model.layers.1.mlp.up_proj"]
 
 
 def _tensors(base: str, response: dict) -> dict[str, torch.Tensor]:
@@ -109,7 +111,7 @@ def test_tp2_server_reports_its_layout_and_refuses_other_models(tp_server):
     models = httpx.get(tp_server.url + "/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == [TINY_MODEL_ID] and models[0]["layout"]["tp_size"] == 2
     load = httpx.post(tp_server.url + "/models/load", json={"model_id": "tiny-gpt2"}, timeout=30)
-    assert load.status_code == 409 and "tensor-parallel" in load.json()["detail"], load.text
+    assert load.status_code == 403 and "tensor-parallel" in load.json()["detail"], load.text
     again = httpx.post(tp_server.url + "/models/load", json={"model_id": TINY_MODEL_ID}, timeout=30)
     assert again.status_code == 200, again.text  # the loaded model is a no-op, as on any server
     log = tp_server.log()
