@@ -186,7 +186,10 @@ def _stand_ins(model) -> dict:
     found = {}
     for name in bad:
         site, want = model.sites[(name, "output")], values.get((name, "output"))
-        later = sorted((s for s in model.sites.values() if s.rank > site.rank), key=lambda s: s.rank)
+        # The first block's input where it is the same tensor (the plainest name for it), else the earliest.
+        first_block = f"{getattr(model, 'block_stack', None)}.0"
+        later = sorted((s for s in model.sites.values() if s.rank > site.rank),
+                       key=lambda s: (s.module_path != first_block, s.rank))
         found[(name, "output")] = next(
             (s for s in later if want is not None and (v := values.get((s.module_path, s.io))) is not None
              and v.shape == want.shape and torch.equal(v, want)), None)
