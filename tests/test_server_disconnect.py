@@ -52,7 +52,7 @@ def hang_up_after_sending(server, bodies: list[dict]) -> None:
     for body in bodies:
         data = json.dumps(body).encode()
         sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
         sockets.append(sock)
     time.sleep(0.5)  # the server has read them and the first generation runs; hanging up now is the point

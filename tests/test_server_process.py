@@ -167,7 +167,7 @@ def test_the_real_server_refuses_unlisted_loads_and_foreign_hosts(server_process
     url = server_process.url
     refused = requests.post(url + "/models/load", json={"model_id": "/etc/passwd"}, timeout=30)
     assert refused.status_code == 403 and "--allow-load" in refused.json()["detail"], refused.text
-    assert "load policy: POST /models/load opens the built-in tiny models" in server_process.log()
+    assert "load policy: POST /models/load opens the built-in tiny models" in server_process.log_path.read_text()
     port = url.rsplit(":", 1)[1]
     rebound = requests.get(url + "/v1/models", headers={"Host": f"attacker.example:{port}"}, timeout=10)
     assert rebound.status_code == 421 and "DNS rebinding" in rebound.json()["detail"], rebound.text

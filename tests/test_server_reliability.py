@@ -117,7 +117,7 @@ def test_a_client_that_disconnects_mid_generation_leaves_the_server_usable(tmp_p
         server.wait_ready()
         body = requests.models.complexjson.dumps(chat_body(max_tokens=300, store_activations=True)).encode()
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             time.sleep(0.2)  # the generation has started; hanging up now is the point of the test
         started = time.monotonic()
