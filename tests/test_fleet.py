@@ -72,7 +72,7 @@ def test_a_fleet_of_two_correct_servers_passes_with_a_report_per_host_and_parity
     table = report["parity"]["table"]
     assert table["ok"] and table["hosts"] == [*good, "reference (independent forward pass)"]
     assert len(report["parity"]["tests"]) == 2  # one verdict per host; the reference votes, it is not judged
-    assert set(table["savepoints"]) == {"head", "block_first", "block_last", "block_mid_input"}
+    assert set(table["savepoints"]) == {"head", "block_first", "block_last", "block_mid_input", "embeddings"}
     assert {"short/prompt", "long/generated"} <= set(table["cases"]), table["cases"]
     assert all(v["deviation"] <= v["tolerance"] for v in table["verdicts"]), table["verdicts"]
     assert "parity" in result.stdout and "fleet: PASSED" in result.stdout
@@ -100,3 +100,52 @@ def test_of_two_hosts_the_independent_reference_names_the_one_that_is_off(fleet,
     assert [url for url, v in verdicts.items() if not v["ok"]] == [off], verdicts
     assert verdicts["reference (independent forward pass)"]["ok"] and verdicts[good[0]]["ok"]
     assert report["parity"]["table"]["note"] == ""
+
+
+# -- a fleet across layouts: one process and tensor-parallel ranks (issue 21) ----------------------------
+
+FAULTY_TP_SERVER = Path(__file__).resolve().with_name("faulty_tp_server.py")
+
+
+@pytest.fixture(scope="module")
+def tp_fleet(tmp_path_factory):
+    """A TP=1 server, a TP=2 server, and a TP=2 server whose rank 1 holds stale shards."""
+    tp1 = ServerProcess(tmp_path_factory.mktemp("tp1"))
+    tp2 = ServerProcess(tmp_path_factory.mktemp("tp2"), "--tp", "2", startup_timeout_s=240)
+    work = tmp_path_factory.mktemp("tp2-stale")
+    (work / "storage").mkdir()
+    port = free_port()
+    stale = ManagedServer([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "0", str(FAULTY_TP_SERVER), "--tp", "2", "--port", str(port),
+                           "--storage-dir", str(work / "storage")], port, work, startup_timeout_s=240)
+    stale.start()
+    try:
+        for server in (tp1, tp2, stale):
+            server.wait_ready()
+        yield tp1.base_url, tp2.base_url, stale.base_url
+    finally:
+        for server in (tp1, tp2, stale):
+            server.stop()
+
+
+def test_a_tp1_and_a_tp2_server_pass_as_a_fleet_in_parity(tp_fleet, tmp_path):
+    import httpx
+
+    tp1, tp2, _ = tp_fleet
+    assert [httpx.get(f"{url}/health").json()["layout"]["tp_size"] for url in (tp1, tp2)] == [1, 2]
+    result, report = _run(tmp_path, [tp1, tp2], "--profile", "smoke")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert report["passed"] and all(h["passed"] for h in report["hosts"]), report["hosts"]
+    assert all((tmp_path / "report" / h["report"]).is_file() for h in report["hosts"])
+    table = report["parity"]["table"]
+    assert table["ok"] and "embeddings" in table["savepoints"], table
+    assert all(v["deviation"] <= 1e-4 for v in table["verdicts"]), table["verdicts"]  # sharded sums: ~1e-7
+
+
+def test_parity_names_the_tp_server_whose_rank_holds_stale_shards(tp_fleet, tmp_path):
+    tp1, _, stale = tp_fleet
+    result, report = _run(tmp_path, [tp1, stale], "--area", "parity")
+    assert result.returncode == 1, result.stdout[-3000:]
+    verdicts = {v["url"]: v for v in report["parity"]["table"]["verdicts"]}
+    assert [url for url, v in verdicts.items() if not v["ok"]] == [stale], verdicts
+    assert verdicts[tp1]["ok"] and f"DISAGREES {stale}" in result.stdout

@@ -49,17 +49,23 @@ class Savepoint:
     def selector(self, layout: Layout) -> str:
         if self.role == "{head}":
             return layout.head
+        if self.role == "{embeddings}":
+            return str(layout.embeddings)
         index, _, rest = self.role.removeprefix("{blocks}[").partition("]")
         return layout.block(int(index)) + rest
 
 
-def savepoints_for(num_blocks: int) -> tuple[Savepoint, ...]:
-    """The head, the first and last block, and the input of the middle one (a block input is another kind)."""
+def savepoints_for(num_blocks: int, embeddings: bool = True) -> tuple[Savepoint, ...]:
+    """The head, the first and last block, the input of the middle one (a block input is another kind) and the
+    embeddings where every host's layout names them (vocabulary-parallel on a sharded server: a classic piece
+    that must be gathered whole)."""
     last, middle = num_blocks - 1, num_blocks // 2
     points = [Savepoint("head", "{head}"), Savepoint("block_first", "{blocks}[0]")]
     if last > 0:
         points.append(Savepoint("block_last", f"{{blocks}}[{last}]"))
     points.append(Savepoint("block_mid_input", f"{{blocks}}[{middle}].input"))
+    if embeddings:
+        points.append(Savepoint("embeddings", "{embeddings}"))
     return tuple(points)
 
 
@@ -99,10 +105,9 @@ class HostReplay:
 
 
 def replay(url: str, runs: CaptureRuns, layout: Layout, replay_cases: tuple[Case, ...],
-           model_dtype: str | None) -> HostReplay:
+           model_dtype: str | None, points: tuple[Savepoint, ...]) -> HostReplay:
     """Send every case to one host, greedy, and download each savepoint."""
     result = HostReplay(url)
-    points = savepoints_for(layout.num_blocks)
     try:
         for case in replay_cases:
             capture = {"savepoints": [{"name": p.name, "selector": p.selector(layout)} for p in points],
@@ -287,13 +292,13 @@ def run_parity(targets: list[tuple[str, CaptureRuns, Layout, str | None]], *, wi
     it then votes too (and is reported as a row of its own, never as a host).
     """
     replay_cases = cases(with_prompt_positions)
+    num_blocks = min(layout.num_blocks for _, _, layout, _ in targets)
+    points = savepoints_for(num_blocks, embeddings=all(layout.embeddings for _, _, layout, _ in targets))
     replays = []
     for url, runs, layout, dtype in targets:
         if on_host:
             on_host(url)
-        replays.append(replay(url, runs, layout, replay_cases, dtype))
-    num_blocks = min(layout.num_blocks for _, _, layout, _ in targets)
-    points = savepoints_for(num_blocks)
+        replays.append(replay(url, runs, layout, replay_cases, dtype, points))
     voter = reference_replay(reference, replays, points) if reference is not None else None
     table = judge(replays + ([voter] if voter else []), [p.name for p in points])
     if voter is None and table.note:

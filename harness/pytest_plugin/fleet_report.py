@@ -41,7 +41,9 @@ def fleet_json(report: Any) -> dict[str, Any]:
     hosts = []
     for url in report.fleet_hosts:
         own = report.as_json(url)
-        hosts.append({"url": url, "passed": own["passed"], "capture_level": own["capture_level"],
+        ran = bool(own["tests"])  # --area parity runs none of a host's own tests: "not run", never failed
+        hosts.append({"url": url, "passed": own["passed"] if ran else None,
+                      "capture_level": own["capture_level"] if ran else "not run",
                       "values": (own.get("values") or {}).get("status"), "model": own.get("model"),
                       "failed": sum(1 for t in own["tests"] if t["outcome"] in ("failed", "error")),
                       "report": f"hosts/{host_dir_name(url)}/{REPORT_FILE}"})
@@ -75,7 +77,8 @@ def fleet_lines(report: Any) -> list[str]:
     fleet = fleet_json(report)
     lines = ["", f"capture-conformance fleet: {len(fleet['hosts'])} hosts"]
     for host in fleet["hosts"]:
-        lines.append(f"  {'PASSED' if host['passed'] else 'FAILED':<7} {host['url']:<32} level {host['capture_level']}"
+        verdict = "NOT RUN" if host["passed"] is None else "PASSED" if host["passed"] else "FAILED"
+        lines.append(f"  {verdict:<7} {host['url']:<32} level {host['capture_level']}"
                      f"  values {str(host['values'])[:40]}  ({host['report']})")
     table = fleet["parity"]["table"] or {}
     lines.append(f"parity ({table.get('measure', 'not run')}):")
@@ -99,7 +102,8 @@ def render_fleet_html(fleet: dict[str, Any]) -> str:
     """A self-contained page (inline CSS, no scripts); everything from the servers escaped."""
     verdict = "PASSED" if fleet["passed"] else "FAILED"
     rows = "".join(
-        f"<tr class='{'' if h['passed'] else 'bad'}'><td>{_e(h['url'])}</td><td>{'passed' if h['passed'] else 'FAILED'}"
+        f"<tr class='{'' if h['passed'] is not False else 'bad'}'><td>{_e(h['url'])}</td>"
+        f"<td>{'not run' if h['passed'] is None else 'passed' if h['passed'] else 'FAILED'}"
         f"</td><td>{_e(h['capture_level'])}</td><td>{_e(h['values'])}</td><td class='n'>{h['failed']}</td>"
         f"<td><a href='{_e(h['report'].replace(REPORT_FILE, HTML_FILE))}'>report</a></td></tr>"
         for h in fleet["hosts"])

@@ -220,7 +220,9 @@ class ConformanceReport:
             parity = self.results_of(None)
             areas = self._options().areas
             parity_asked = not areas or FLEET_AREA in areas  # --area without parity: the hosts' verdicts alone
-            return (all(self.passed_of(host) for host in self.fleet_hosts) and self.exit_status in (0, None)
+            # A host none of whose tests was selected (--area parity) is not run, not failed.
+            return (all(self.passed_of(host) or not self.results_of(host) for host in self.fleet_hosts)
+                    and self.exit_status in (0, None)
                     and (bool(parity) or not parity_asked) and all(r.outcome == "passed" for r in parity))
         return self.passed_of(None)
 
