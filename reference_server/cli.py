@@ -173,7 +173,9 @@ def serve(settings: Settings, app_factory: Callable[..., FastAPI] | None = None)
     import uvicorn
 
     from .app import create_app
+    from .malloc_tuning import keep_freed_memory
 
+    keep_freed_memory()  # a process-wide allocator setting: the server process's, never a library's
     server: uvicorn.Server | None = None
 
     def stop_on_failure(reason: str) -> None:

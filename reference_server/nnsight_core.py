@@ -493,11 +493,11 @@ class CaptureModel:
         left-padded, and the attention mask hides the padding). Rows that end early
         (EOS, their own max_tokens) are cut back to their own N afterwards.
         """
-        if len(requests) == 1:
+        if len(requests) == 1 and not requests[0].savepoints:
             r = requests[0]
             return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token,
                                   r.positions, r.cancelled)]
-        return self._traced(requests)
+        return self._traced(requests)  # the request itself, its step sinks included
 
     def _traced(self, requests: list[GenerationRequest]) -> list[Generation]:
         """One nnsight generate for one request, or for a batch of compatible ones (one invoke each).
@@ -608,6 +608,8 @@ class CaptureModel:
         captured: list[list] = [[] for _ in plan]
         calls = [0] * len(plan)
         handles = []
+        # Steps handed on as they are kept (all-token captures only: nothing kept is ever replaced).
+        sinks = [(request.step_sinks or {}).get(sp.name) if request.tokens == "all" else None for sp in plan]
 
         def hook_for(slot: int):
             def hook(module, args, output) -> None:
@@ -616,6 +618,8 @@ class CaptureModel:
                     return
                 if _wants_step(captured[slot], request, True):
                     _keep_step(_first_tensor(output), captured[slot], request, True)
+                    if sinks[slot] is not None:
+                        sinks[slot](captured[slot][-1])
             return hook
 
         try:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import Forbidden, NotFound, StorageFull
+from .streamed_pt import StreamedPt
 
 log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -202,12 +203,18 @@ class RunStore:
             except Exception:  # a janitor that dies would leave the trash forever: log and go on
                 log.exception("storage janitor step failed")
 
-    def write_run(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None = None) -> tuple[str, dict[str, StoredFile]]:
+    def stream_pt(self, max_bytes: int) -> StreamedPt:
+        """A ``.pt`` file of one savepoint to append to while its generation runs (see streamed_pt.py)."""
+        return StreamedPt(self._staging / f"stream-{uuid.uuid4().hex}.pt", max_bytes)
+
+    def write_run(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None = None,
+                  streamed: dict[str, StreamedPt] | None = None) -> tuple[str, dict[str, StoredFile]]:
+        """Store one run; a savepoint in ``streamed`` whose file holds exactly its tensor is moved in as is."""
         needed = sum(t.numel() * t.element_size() for t in tensors.values())
         with self._lock:
             self._make_room(needed)
             try:
-                return self._write(tensors, fmt, extra)
+                return self._write(tensors, fmt, extra, streamed or {})
             except Exception as exc:
                 # A full disk shows up as OSError (ENOSPC, EFBIG), as RuntimeError from
                 # torch.save's zip writer, or as SafetensorError: all are "could not store".
@@ -226,7 +233,8 @@ class RunStore:
             return f"no space left on device ({free} bytes free, the capture needs {needed})"
         return exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
 
-    def _write(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None) -> tuple[str, dict[str, StoredFile]]:
+    def _write(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None,
+               streamed: dict[str, StreamedPt]) -> tuple[str, dict[str, StoredFile]]:
         run_id = uuid.uuid4().hex
         stage = self._staging / run_id
         try:
@@ -237,7 +245,10 @@ class RunStore:
                 final = stage / f"sp{index}.{EXTENSIONS[fmt]}"
                 tmp = final.with_suffix(".tmp")
                 tensor = tensor.contiguous()
-                if fmt == "safetensors":
+                stream = streamed.get(name)
+                if fmt == "pt" and stream is not None and stream.finish(tensor):
+                    os.replace(stream.path, tmp)  # written during the generation: the same bytes torch.save writes
+                elif fmt == "safetensors":
                     save_file({name: tensor}, str(tmp))
                 else:
                     # Our own handle, closed on failure at once: a handle left to the failed
@@ -264,6 +275,9 @@ class RunStore:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
+        finally:
+            for stream in streamed.values():
+                stream.abort()  # one that was moved in is gone already; any other is removed
         self._count(run_id, _dir_bytes(self.root / run_id))
         return run_id, stored
 

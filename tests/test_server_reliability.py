@@ -78,14 +78,19 @@ def test_disk_full_is_507_leaves_nothing_and_the_server_keeps_serving(client, mo
     store = client.app.state.store
     real_save = torch.save
 
-    def disk_full(obj, path):
+    def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    from capture_conformance.reference_server.streamed_pt import StreamedPt
+
+    # Full for both writers: the file appended during the generation, and torch.save at the end.
+    monkeypatch.setattr(StreamedPt, "_append", disk_full)
     monkeypatch.setattr(torch, "save", disk_full)
     response = client.post(CHAT, json=chat_body(max_tokens=2, store_activations=True))
     assert response.status_code == 507 and "No space left" in response.json()["detail"]
     assert stored_run_ids(store) == [] and list((store.root / ".staging").iterdir()) == []
     monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert client.post(CHAT, json=chat_body(max_tokens=2, store_activations=True)).status_code == 200
 
 
