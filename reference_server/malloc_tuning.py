@@ -2,8 +2,8 @@
 
 Why: a capture keeps one chunk per step (a 151,936-wide head: 600 KB a step). glibc serves
 such blocks with fresh ``mmap`` pages, or trims the heap's top when they are freed, so every
-request faults its whole capture in again; on a virtual machine a page fault costs
-microseconds, and a 19 MiB capture paid about 40 ms of a 620 ms request for it
+request has the kernel map its whole capture anew, page by page; on a virtual machine each
+new page costs microseconds, and a 19 MiB capture paid about 40 ms of a 620 ms request for it
 (docs/performance.md). Two ``mallopt`` settings keep the memory: blocks under 64 MiB come
 from the heap, and up to 512 MiB freed at its top stay mapped for reuse. The cost: resident
 memory stays up to that much above what is in use after a large capture (it is reused, not

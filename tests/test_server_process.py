@@ -20,6 +20,8 @@ def test_health_is_503_until_the_model_is_usable_then_200(server_process):
     assert 503 in server_process.statuses, f"never saw 'loading': {server_process.statuses[:5]}"
     body = requests.get(server_process.url + "/health", timeout=5).json()
     budget = body.pop("capture_budget")  # issue 14: the capture budget in use
+    layout = body.pop("layout")  # protocol 1.2: one process, one device, nothing turned off
+    assert layout == {"tp_size": 1, "backend": "none", "devices": ["cpu"], "disabled": {}}, layout
     assert body == {"status": "ok", "loaded_models": ["tiny-qwen3"], "protocol": "1.1"}
     assert budget["limit_mb"] > 0 and budget["in_use_mb"] == 0 and budget["in_flight"] == 0, budget
 
