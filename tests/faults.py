@@ -589,19 +589,20 @@ def _capture_changes_generation(t: Target) -> None:
     # Two generation paths with different generation settings: the answer depends on what was captured.
     from capture_conformance.reference_server.nnsight_core import CaptureModel
 
-    original = CaptureModel.generate
+    # The worker's seam: every request, solo or batched, reaches the model through generate_batch.
+    original = CaptureModel.generate_batch
 
-    def generate(self, prompt_ids, params, savepoints, *args, **kwargs):
-        if len(savepoints) <= 1:
-            return original(self, prompt_ids, params, savepoints, *args, **kwargs)
+    def generate_batch(self, requests):
+        if not any(len(r.savepoints) > 1 for r in requests):
+            return original(self, requests)
         plain = CaptureModel._generate_kwargs
-        self._generate_kwargs = lambda p: {**plain(self, p), "repetition_penalty": 1.3}
+        self._generate_kwargs = lambda p, *a, **k: {**plain(self, p, *a, **k), "repetition_penalty": 1.3}
         try:
-            return original(self, prompt_ids, params, savepoints, *args, **kwargs)
+            return original(self, requests)
         finally:
             del self._generate_kwargs
 
-    CaptureModel.generate = generate  # process-wide: a faulty server runs one fault only
+    CaptureModel.generate_batch = generate_batch  # process-wide: a faulty server runs one fault only
 
 
 # -- issue 13 --------------------------------------------------------------------------------
