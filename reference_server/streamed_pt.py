@@ -112,16 +112,15 @@ class StreamedPt:
                         and list(shape[:1]) + list(shape[2:]) == [self.step_shape[0], *self.step_shape[2:]]
                         and self.step_shape[1] == 1)
             if expected:
-                entry = self._data
-                entry.close()
+                self._data.close()
                 self._data = None
-                expected = entry._zinfo.CRC == zlib.crc32(_bytes(tensor.detach().cpu().contiguous()))
+                recorded = self._zip.getinfo(f"{ARCHIVE}/data/0").CRC
+                expected = recorded == zlib.crc32(_bytes(tensor.detach().cpu().contiguous()))
             if not expected:
                 self._close_quietly()
                 self._remove()
                 return False
-            shape, dtype = list(tensor.shape), tensor.dtype
-            for name, data in self._records(shape, dtype):
+            for name, data in self._records(shape, tensor.dtype):
                 info = zipfile.ZipInfo(f"{ARCHIVE}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
                 self._zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
             self._zip.close()

@@ -35,19 +35,22 @@ def host_dir_name(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", bare) or "host"
 
 
-def fleet_json(report: Any) -> dict[str, Any]:
+def fleet_json(report: Any, own_reports: dict[str, dict] | None = None) -> dict[str, Any]:
+    """The fleet's document; ``own_reports``: each host's ``as_json`` where the caller has built it already."""
+    from dataclasses import asdict
+
     state = report.config.stash.get(STATE, None)
     parity = (state.facts.get("parity") if state else None) or {}
     hosts = []
     for url in report.fleet_hosts:
-        own = report.as_json(url)
+        own = (own_reports or {}).get(url) or report.as_json(url)
         ran = bool(own["tests"])  # --area parity runs none of a host's own tests: "not run", never failed
         hosts.append({"url": url, "passed": own["passed"] if ran else None,
                       "capture_level": own["capture_level"] if ran else "not run",
                       "values": (own.get("values") or {}).get("status"), "model": own.get("model"),
                       "failed": sum(1 for t in own["tests"] if t["outcome"] in ("failed", "error")),
                       "report": f"hosts/{host_dir_name(url)}/{REPORT_FILE}"})
-    parity_tests = [t for t in report.as_json(None)["tests"]]
+    parity_tests = [asdict(r) for r in report.results_of(None)]  # the fleet's own tests: the parity area
     return {
         "tool": "capture-conformance",
         "protocol": PROTOCOL_VERSION,
@@ -62,13 +65,14 @@ def fleet_json(report: Any) -> dict[str, Any]:
 
 
 def write_fleet(report: Any) -> None:
+    owns = {}
     for url in report.fleet_hosts:
         directory = report.host_directory(url)
         directory.mkdir(parents=True, exist_ok=True)
-        own = report.as_json(url)
+        owns[url] = own = report.as_json(url)
         (directory / REPORT_FILE).write_text(json.dumps(own, indent=2) + "\n")
         write_html(own, directory)
-    fleet = fleet_json(report)
+    fleet = fleet_json(report, owns)
     (report.directory / REPORT_FILE).write_text(json.dumps(fleet, indent=2) + "\n")
     (report.directory / HTML_FILE).write_text(render_fleet_html(fleet))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 from typing import Any, Callable
 
 from capture_conformance.harness.pytest_plugin.areas import AREAS, FEATURES
@@ -91,6 +92,12 @@ def host_url(host: str, port: int | None) -> str:
     if _has_port(host):
         return f"http://{host}"
     return f"http://{host}:{port or DEFAULT_PORT}"
+
+
+def host_label(url: str) -> str:
+    """A host's name in test ids and snapshot lookups: ``http://127.0.0.1:8006`` -> ``127.0.0.1:8006``."""
+    parts = urlsplit(url)
+    return (parts.netloc + parts.path.rstrip("/")) or url
 
 
 def _has_port(authority: str) -> bool:

@@ -23,7 +23,7 @@ import pytest
 
 from capture_conformance.harness.pytest_plugin.areas import AREA_PROPERTY, AREAS, BY_NAME, FLEET_AREA, HOST_PROPERTY, MARKER
 from capture_conformance.harness.protocol.missing import FeatureMissing
-from capture_conformance.harness.pytest_plugin.options import PROFILES, Options, add_flags
+from capture_conformance.harness.pytest_plugin.options import PROFILES, Options, add_flags, host_label
 from capture_conformance.harness.protocol.server import ManagedServer, ServerStartError
 from capture_conformance.harness.pytest_plugin.state import STATE, HarnessState, Target, options_of
 
@@ -154,14 +154,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "fleet_host" in metafunc.fixturenames:  # the parity area: one verdict per host of the fleet
         urls = list(options.remote_urls)
         metafunc.parametrize("fleet_host", urls, ids=[host_label(u) for u in urls])
-
-
-def host_label(url: str) -> str:
-    """A host's name in test ids, reports and file names: ``127.0.0.1:8006``."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return (parts.netloc + parts.path.rstrip("/")) or url
 
 
 def host_of(item: pytest.Item) -> str | None:

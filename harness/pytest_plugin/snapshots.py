@@ -66,10 +66,9 @@ def snapshot_name(node: pytest.Item) -> str:
     host = callspec.params.get("capture_target") if callspec is not None else None
     if not isinstance(host, str):
         return node.name
-    from urllib.parse import urlsplit
+    from capture_conformance.harness.pytest_plugin.options import host_label
 
-    parts = urlsplit(host)
-    label = (parts.netloc + parts.path.rstrip("/")) or host  # the id plugin.host_label gives the host
+    label = host_label(host)  # the id the plugin gives the host's parametrisation
     name = node.name
     for old, new in ((f"[{label}]", ""), (f"[{label}-", "["), (f"-{label}]", "]"), (f"-{label}-", "-")):
         if old in name:
