@@ -54,6 +54,7 @@ def create_app(
         settings.storage_dir,
         max_bytes=None if settings.max_storage_mb is None else int(settings.max_storage_mb * 2**20),
         policy=settings.storage_policy,
+        recycle_bytes=int(settings.recycle_mb * 2**20),
     )
     if settings.capture_budget_mb is not None:
         budget = CaptureBudget(int(settings.capture_budget_mb * 2**20))

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retention limit of the storage directory (default: none)")
     parser.add_argument("--storage-policy", choices=["evict", "refuse"], default="evict",
                         help="over --max-storage-mb: evict the oldest runs, or refuse with 507 (default: %(default)s)")
+    parser.add_argument("--recycle-mb", type=_non_negative_float, default=256, metavar="MB",
+                        help="deleted runs' files kept, up to this many MiB, for later captures to write over: "
+                             "their pages are in memory already, which makes storing a capture several times "
+                             "cheaper (docs/performance.md); never a file still open; 0 deletes at once "
+                             "(default: %(default)s)")
     return parser
 
 
@@ -119,6 +124,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         capture_budget_mb=args.capture_budget_mb,
         max_storage_mb=args.max_storage_mb,
         storage_policy=args.storage_policy,
+        recycle_mb=args.recycle_mb,
         allow_load=tuple(args.allow_load),
         allow_any_load=args.allow_any_load,
         header_timeout_s=args.header_timeout_s,
@@ -143,6 +149,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 

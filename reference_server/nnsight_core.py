@@ -497,7 +497,7 @@ class CaptureModel:
             r = requests[0]
             return [self.generate(r.prompt_ids, r.params, r.savepoints, r.tokens, r.capture_dtype, r.on_token,
                                   r.positions, r.cancelled)]
-        return self._traced(requests)  # the request itself, its step sinks included
+        return self._traced(requests)
 
     def _traced(self, requests: list[GenerationRequest]) -> list[Generation]:
         """One nnsight generate for one request, or for a batch of compatible ones (one invoke each).
@@ -608,8 +608,6 @@ class CaptureModel:
         captured: list[list] = [[] for _ in plan]
         calls = [0] * len(plan)
         handles = []
-        # Steps handed on as they are kept (all-token captures only: nothing kept is ever replaced).
-        sinks = [(request.step_sinks or {}).get(sp.name) if request.tokens == "all" else None for sp in plan]
 
         def hook_for(slot: int):
             def hook(module, args, output) -> None:
@@ -618,8 +616,6 @@ class CaptureModel:
                     return
                 if _wants_step(captured[slot], request, True):
                     _keep_step(_first_tensor(output), captured[slot], request, True)
-                    if sinks[slot] is not None:
-                        sinks[slot](captured[slot][-1])
             return hook
 
         try:

@@ -25,7 +25,6 @@ from .schemas import CaptureOptions, ChatRequest, PureRequest
 from .selectors import LOGITS, parse_selector
 from .settings import Settings
 from .storage import RunStore
-from .streamed_pt import StreamedPt
 from .types import DTYPES, GenerationParams, GenerationRequest, PlannedSavepoint
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,6 @@ class PreparedChat:
     options: CaptureOptions
     wants_capture: bool
     reservation: Reservation = NO_RESERVATION  # its share of the capture budget, held until the files are written
-    capture_bytes: int = 0  # the most its files can hold (bounds a file written during the generation)
 
 
 class CaptureService:
@@ -137,8 +135,7 @@ class CaptureService:
         # Admission last: a request refused for any other reason never holds budget.
         held, logits = self._working_bytes(model, plan, max_tokens, options, len(prompt_ids))
         reservation = self.budget.reserve(capture_bytes, held, logits)
-        return PreparedChat(req, worker, prompt_ids, params, plan, options, wants_capture, reservation,
-                            capture_bytes=capture_bytes)
+        return PreparedChat(req, worker, prompt_ids, params, plan, options, wants_capture, reservation)
 
     async def chat_completion(self, req: ChatRequest) -> dict:
         prepared = self.prepare_chat(req)
@@ -146,17 +143,9 @@ class CaptureService:
             return await self._chat_completion(prepared)
 
     async def _chat_completion(self, prepared: "PreparedChat") -> dict:
-        streams = self._streams(prepared)
-        try:
-            return await self._respond(prepared, streams)
-        finally:
-            self._drop_streams(streams)  # queued after the store: removes any file the store did not move in
-
-    async def _respond(self, prepared: "PreparedChat", streams: dict[str, StreamedPt]) -> dict:
         req = prepared.req
         generation = await self._generate(prepared.worker, prepared.prompt_ids, prepared.params, prepared.plan,
-                                          prepared.options, reservation=prepared.reservation,
-                                          step_sinks=self._sinks(streams))
+                                          prepared.options, reservation=prepared.reservation)
         completion = self._complete(prepared, generation)
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -174,7 +163,7 @@ class CaptureService:
             "usage": completion.usage,
         }
         if prepared.wants_capture:
-            response.update(await self._store_async(generation, prepared, streams))
+            response.update(await self._store_async(generation, prepared))
         return response
 
     async def chat_completion_stream(self, prepared: "PreparedChat") -> AsyncIterator[dict]:
@@ -233,34 +222,8 @@ class CaptureService:
         return chat.complete(prepared.worker.model.tokenizer, prepared.prompt_ids, generation.token_ids,
                              generation.hit_eos, prepared.params.stop)
 
-    def _streams(self, prepared: "PreparedChat") -> dict[str, StreamedPt]:
-        """Files written while the generation runs, one per savepoint, where that can hold (docs/performance.md).
-
-        All-token captures of generated positions in ``.pt``: each step kept is appended on the
-        writer thread, so the write overlaps the generation instead of following it. Used only
-        where the hooked fast path serves the request (it hands the steps on) and the file ends
-        up holding exactly the tensor; otherwise it is removed and the tensor written at the end.
-        """
-        options = prepared.options
-        if not (prepared.wants_capture and options.format == "pt" and options.tokens == "all"
-                and options.positions == "generated"):
-            return {}
-        return {sp.name: self.store.stream_pt(prepared.capture_bytes) for sp in prepared.plan}
-
-    def _sinks(self, streams: dict[str, StreamedPt]) -> dict | None:
-        # On the writer thread, in order: the steps, then the run's write (FIFO, one thread).
-        return {name: (lambda step, s=stream: self._writer.submit(s.append, step))
-                for name, stream in streams.items()} or None
-
-    def _drop_streams(self, streams: dict[str, StreamedPt]) -> None:
-        for stream in streams.values():
-            try:
-                self._writer.submit(stream.abort)  # after any step still queued for it
-            except RuntimeError:  # the writer is shut down (the server stops): nothing else writes
-                stream.abort()
-
-    async def _store_async(self, generation, prepared: "PreparedChat", streams: dict | None = None) -> dict:
-        write = self._writer.submit(self._store, generation, prepared.plan, prepared.options, streams)
+    async def _store_async(self, generation, prepared: "PreparedChat") -> dict:
+        write = self._writer.submit(self._store, generation, prepared.plan, prepared.options)
         prepared.reservation.hold(write)  # the files waiting for the writer count until written
         try:
             fields = await asyncio.wrap_future(write)
@@ -343,20 +306,18 @@ class CaptureService:
     def _render_prompt(self, model, messages: list[dict]) -> list[int]:
         return chat.render_prompt(model.tokenizer, messages)
 
-    async def _generate(self, worker, prompt_ids, params, plan, options, on_token=None, reservation=None,
-                        step_sinks=None):
+    async def _generate(self, worker, prompt_ids, params, plan, options, on_token=None, reservation=None):
         return await worker.generate(
             GenerationRequest(prompt_ids, params, plan, options.tokens, DTYPES[options.dtype], on_token,
-                              options.positions, step_sinks=step_sinks),
+                              options.positions),
             reservation,  # the worker batches whole-prompt logits only within what was charged
         )
 
-    def _store(self, generation, plan, options, streams=None) -> dict:
+    def _store(self, generation, plan, options) -> dict:
         run_id, stored = self.store.write_run(
             generation.tensors,
             options.format,
             extra={"completion_token_ids": generation.token_ids},
-            streamed=streams,
         )
         by_name = {sp.name: sp for sp in plan}
         meta = {

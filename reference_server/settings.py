@@ -29,6 +29,7 @@ class Settings:
     capture_budget_mb: float | None = None  # worst-case host memory of all captures in flight; None: half the available
     max_storage_mb: float | None = None  # retention limit of the storage directory
     storage_policy: str = "evict"  # over max_storage_mb: "evict" the oldest runs, or "refuse" (507)
+    recycle_mb: float = 256.0  # deleted runs' files kept for later captures to write over (spare_files.py)
     # What POST /models/load may open besides the startup model and the built-in tiny models (registry.LoadPolicy).
     allow_load: tuple[str, ...] = ()
     allow_any_load: bool = False

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from .errors import Forbidden, NotFound, StorageFull
-from .streamed_pt import StreamedPt
+from .spare_files import SpareFiles
 
 log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -49,6 +49,9 @@ def size_mb(numel: int, dtype: torch.dtype) -> float:
     return round(numel * dtype.itemsize / 2**20, 2)
 
 
+# Deleted runs' files kept for later captures to write over (spare_files.py, --recycle-mb).
+DEFAULT_RECYCLE_BYTES = 256 * 2**20
+
 # Evictions one write does itself before leaving the rest to the janitor (a backlog of
 # thousands of runs took 185 s inside the first capture before issue 20).
 MAX_EVICTIONS_PER_WRITE = 64
@@ -60,9 +63,12 @@ class RunStore:
     Over ``max_bytes``, policy ``"evict"`` deletes the oldest runs to make room
     and ``"refuse"`` answers 507; a run larger than the whole limit is always 507.
     A failed write (disk full, unwritable directory) is a 507 that leaves nothing.
+    Deleted runs' files, up to ``recycle_bytes``, are written over by later captures
+    (spare_files.py); they count against ``max_bytes`` and are released first.
     """
 
-    def __init__(self, root: Path, max_bytes: int | None = None, policy: str = "evict"):
+    def __init__(self, root: Path, max_bytes: int | None = None, policy: str = "evict",
+                 recycle_bytes: int = DEFAULT_RECYCLE_BYTES):
         if policy not in ("evict", "refuse"):
             raise ValueError(f"unknown storage policy {policy!r}")
         self.root = Path(root).resolve()
@@ -83,6 +89,8 @@ class RunStore:
         except OSError as exc:  # a read-only disk: serve what is stored, answer 507 to new captures
             log.warning("storage %s is not writable (%s): captures will be refused with 507", self.root, exc.strerror)
         self._lock = threading.Lock()
+        limit = recycle_bytes if max_bytes is None else min(recycle_bytes, max_bytes)
+        self._spares = SpareFiles(self._staging / "spare", limit)
         # run id -> bytes on disk, oldest first: what retention evicts.
         runs = sorted(self._valid_runs(), key=lambda item: item[1])
         self._sizes: OrderedDict[str, int] = OrderedDict((run_id, size) for run_id, _, size in runs)
@@ -137,6 +145,9 @@ class RunStore:
             return
         if needed > self.max_bytes:
             raise StorageFull(f"a capture of {needed} bytes is larger than the storage limit of {self.max_bytes} bytes (--max-storage-mb)")
+        over = self._used + self._spares.bytes + needed - self.max_bytes
+        if over > 0:
+            self._spares.release(over)  # spare files are the first to go: they are nobody's data
         if self._used + needed > self.max_bytes:
             self._resync()  # only when over: one stat per run, not per capture
         evicted = 0
@@ -199,22 +210,30 @@ class RunStore:
                             self._forget(oldest)
                     time.sleep(0)  # between steps a capture waiting for the lock gets it
                 for trash in list(self._staging.glob("deleted-*")) if self._staging.is_dir() else []:
-                    shutil.rmtree(trash, ignore_errors=True)
+                    self._discard(trash)
             except Exception:  # a janitor that dies would leave the trash forever: log and go on
                 log.exception("storage janitor step failed")
 
-    def stream_pt(self, max_bytes: int) -> StreamedPt:
-        """A ``.pt`` file of one savepoint to append to while its generation runs (see streamed_pt.py)."""
-        return StreamedPt(self._staging / f"stream-{uuid.uuid4().hex}.pt", max_bytes)
+    def _discard(self, trash: Path) -> None:
+        """Delete a run taken out of sight, keeping what files the spare pool takes."""
+        try:
+            for path in trash.iterdir():
+                if path.name != MANIFEST:
+                    self._spares.keep(path)
+        except OSError:
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
 
-    def write_run(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None = None,
-                  streamed: dict[str, StreamedPt] | None = None) -> tuple[str, dict[str, StoredFile]]:
-        """Store one run; a savepoint in ``streamed`` whose file holds exactly its tensor is moved in as is."""
+    def spare_bytes(self) -> int:
+        return self._spares.bytes
+
+    def write_run(self, tensors: dict[str, torch.Tensor], fmt: str,
+                  extra: dict | None = None) -> tuple[str, dict[str, StoredFile]]:
         needed = sum(t.numel() * t.element_size() for t in tensors.values())
         with self._lock:
             self._make_room(needed)
             try:
-                return self._write(tensors, fmt, extra, streamed or {})
+                return self._write(tensors, fmt, extra)
             except Exception as exc:
                 # A full disk shows up as OSError (ENOSPC, EFBIG), as RuntimeError from
                 # torch.save's zip writer, or as SafetensorError: all are "could not store".
@@ -233,8 +252,7 @@ class RunStore:
             return f"no space left on device ({free} bytes free, the capture needs {needed})"
         return exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
 
-    def _write(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None,
-               streamed: dict[str, StreamedPt]) -> tuple[str, dict[str, StoredFile]]:
+    def _write(self, tensors: dict[str, torch.Tensor], fmt: str, extra: dict | None) -> tuple[str, dict[str, StoredFile]]:
         run_id = uuid.uuid4().hex
         stage = self._staging / run_id
         try:
@@ -245,16 +263,7 @@ class RunStore:
                 final = stage / f"sp{index}.{EXTENSIONS[fmt]}"
                 tmp = final.with_suffix(".tmp")
                 tensor = tensor.contiguous()
-                stream = streamed.get(name)
-                if fmt == "pt" and stream is not None and stream.finish(tensor):
-                    os.replace(stream.path, tmp)  # written during the generation: the same bytes torch.save writes
-                elif fmt == "safetensors":
-                    save_file({name: tensor}, str(tmp))
-                else:
-                    # Our own handle, closed on failure at once: a handle left to the failed
-                    # writer's traceback keeps a full disk full until the garbage collector runs.
-                    with open(tmp, "wb") as f:
-                        torch.save(tensor, f)
+                self._write_file(tmp, fmt, name, tensor)
                 os.replace(tmp, final)
                 stored[name] = StoredFile(
                     name=name,
@@ -275,11 +284,23 @@ class RunStore:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        finally:
-            for stream in streamed.values():
-                stream.abort()  # one that was moved in is gone already; any other is removed
         self._count(run_id, _dir_bytes(self.root / run_id))
         return run_id, stored
+
+    def _write_file(self, tmp: Path, fmt: str, name: str, tensor: torch.Tensor) -> None:
+        """One tensor's file, over a spare file where there is one (its pages are in the page cache already)."""
+        recycled = self._spares.take(tmp, tensor.numel() * tensor.element_size())
+        if fmt == "safetensors" and not recycled:
+            save_file({name: tensor}, str(tmp))
+            return
+        # Our own handle, closed on failure at once: a handle left to the failed
+        # writer's traceback keeps a full disk full until the garbage collector runs.
+        with open(tmp, "r+b" if recycled else "wb") as f:
+            if fmt == "safetensors":
+                f.write(save({name: tensor}))
+            else:
+                torch.save(tensor, f)
+            f.truncate()  # a spare longer than this file keeps nothing of its old bytes
 
     def _run_dir(self, run_id: str) -> Path:
         if not _RUN_ID.match(run_id):
@@ -350,7 +371,7 @@ class RunStore:
         self._staging.mkdir(exist_ok=True)
         trash = self._staging / f"deleted-{run_id}"
         os.replace(self.root / run_id, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        self._discard(trash)
         self._forget(run_id)
 
 

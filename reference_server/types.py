@@ -72,9 +72,6 @@ class GenerationRequest:
     positions: str = "generated"  # "generated", "prompt" or "sequence" (protocol 1.1)
     # Set when the client is gone (registry.ModelWorker): the generation stops at its next step.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
-    # Savepoint name -> called from the worker thread with each step kept (``tokens: "all"``, in order), where the
-    # hooked fast path serves the request: the storage writer appends it to the file as the generation runs.
-    step_sinks: dict[str, Callable[[torch.Tensor], None]] | None = field(default=None, compare=False)
 
     def batch_key(self):
         """Requests with equal keys may share one generate; None: run alone.

@@ -76,8 +76,8 @@ def _wrap_store(target: Target, change: Callable) -> None:
     """Replace the store seam by one that edits the capture fields: change(fields, generation, plan, options)."""
     original = target.service._store
 
-    def store(generation, plan, options, *streams):  # streams: files written during the generation
-        fields = original(generation, plan, options, *streams)
+    def store(generation, plan, options):
+        fields = original(generation, plan, options)
         change(fields, generation, plan, options)
         return fields
 
@@ -194,11 +194,11 @@ def _input_is_output(t: Target) -> None:
 def _bf16_file(t: Target) -> None:
     original = t.service._store
 
-    def store(gen, plan, options, *streams):
+    def store(gen, plan, options):
         # Only float32 captures are affected: the server "saves space" and keeps the metadata it meant.
         lied = {n for n, x in gen.tensors.items() if x.dtype == torch.float32}
         gen.tensors = {n: x.to(torch.bfloat16) if n in lied else x for n, x in gen.tensors.items()}
-        fields = original(gen, plan, options, *streams)
+        fields = original(gen, plan, options)
         for name in lied:
             meta = fields["activations_meta"][name]
             meta["dtype"] = "torch.float32"
@@ -231,10 +231,10 @@ def _wrong_size(t: Target) -> None:
 def _meta_shape_lies(t: Target) -> None:
     original = t.service._store
 
-    def store(gen, plan, options, *streams):
+    def store(gen, plan, options):
         claimed = {n: list(x.shape) for n, x in gen.tensors.items()}
         gen.tensors = {n: x[:, :1].clone() for n, x in gen.tensors.items()}
-        fields = original(gen, plan, options, *streams)
+        fields = original(gen, plan, options)
         for name, meta in fields["activations_meta"].items():
             numel = 1
             for d in claimed[name]:

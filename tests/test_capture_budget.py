@@ -89,9 +89,9 @@ def test_the_budget_is_held_until_the_files_are_written(small, monkeypatch):
     seen = []
     original = service_module.CaptureService._store
 
-    def store(self, generation, plan, options, *streams):
+    def store(self, generation, plan, options):
         seen.append(self.budget.snapshot()["in_use_mb"])  # on the writer thread, before the files exist
-        return original(self, generation, plan, options, *streams)
+        return original(self, generation, plan, options)
 
     monkeypatch.setattr(service_module.CaptureService, "_store", store)
     response = small.post(CHAT, json=chat_body(max_tokens=2, capture={}))

@@ -81,10 +81,6 @@ def test_disk_full_is_507_leaves_nothing_and_the_server_keeps_serving(client, mo
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    from capture_conformance.reference_server.streamed_pt import StreamedPt
-
-    # Full for both writers: the file appended during the generation, and torch.save at the end.
-    monkeypatch.setattr(StreamedPt, "_append", disk_full)
     monkeypatch.setattr(torch, "save", disk_full)
     response = client.post(CHAT, json=chat_body(max_tokens=2, store_activations=True))
     assert response.status_code == 507 and "No space left" in response.json()["detail"]
