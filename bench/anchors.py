@@ -51,7 +51,7 @@ def generate_kwargs(tokens: int, force: bool, pad_id: int | None) -> dict:
 
 
 class HFAnchor:
-    """The model through plain transformers: ``generate`` alone, and with a forward hook on ``lm_head``."""
+    """The model through plain transformers: ``generate`` alone, and with a forward hook on its head."""
 
     def __init__(self, path: str, device: str, dtype: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,7 +82,7 @@ class HFAnchor:
             # Last position of this step, cloned (a slice would keep the whole step alive), float32.
             steps.append(output[:, -1].detach().to(torch.float32, copy=True))
 
-        handle = self.model.lm_head.register_forward_hook(keep)
+        handle = self.model.get_output_embeddings().register_forward_hook(keep)  # the head, whatever its name
         try:
             _sync(self.device)
             start = time.perf_counter()
@@ -117,6 +117,12 @@ class NNsightAnchor:
             kwargs["device_map"] = device
         self.model = TransformersModel(path, task="text-generation", dispatch=True, **kwargs)
         self.model._module.eval()
+        # The head's envoy, found as transformers finds the head (lm_head, embed_out, ...).
+        head = self.model._module.get_output_embeddings()
+        path = next(name for name, module in self.model._module.named_modules() if module is head)
+        self.head = self.model
+        for part in path.split("."):
+            self.head = getattr(self.head, part)
         tok = self.model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -131,7 +137,7 @@ class NNsightAnchor:
                 steps = nnsight.save([])
                 with tracer.invoke(ids):
                     for _ in tracer.iter[:tokens]:
-                        steps.append(self.model.lm_head.output[:, -1].detach().to(torch.float32, copy=True))
+                        steps.append(self.head.output[:, -1].detach().to(torch.float32, copy=True))
                 with tracer.invoke():
                     result = nnsight.save(tracer.result)
         captured = torch.stack(steps, dim=1).cpu()

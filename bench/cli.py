@@ -172,7 +172,6 @@ class Bench:
         self.server = None
         self.hf = None
         self.nn = None
-        self.num_layers = 0
         self.argv: list[str] = []
 
     def problem(self, text: str) -> None:
@@ -209,7 +208,7 @@ class Bench:
             if verify:
                 self._check(name, captured, ids, [1, len(ids), None])
         else:
-            capture = capture_for(name, self.num_layers)
+            capture = capture_for(name, self.server.selectors)
             ms, data = self.server.chat(chat_body(self.server.model_id, LATENCY_PROMPT, tokens, capture=capture), self.args.timeout)
             n = data["usage"]["completion_tokens"]
             if verify:
@@ -298,10 +297,8 @@ class Bench:
     def concurrency(self, levels: list[int]) -> dict:
         from capture_conformance.harness.protocol.client import chat_body
 
-        from .server import LOGITS
-
         a = self.args
-        body = {"savepoints": [LOGITS], "format": "pt"}
+        body = {"savepoints": [self.server.selectors.logits()], "format": "pt"}
         per_client = a.requests_per_client
         plan = {k: [[CONCURRENCY_PROMPTS[(c * per_client + j) % len(CONCURRENCY_PROMPTS)] for j in range(per_client)]
                      for c in range(k)] for k in levels}
@@ -402,7 +399,7 @@ class Bench:
         n = a.soak_requests
         variants = ["server-logits-pt", "server-logits-safetensors", "server-logits-layers", "server-logits-last"]
         bodies = [chat_body(self.server.model_id, CONCURRENCY_PROMPTS[i % len(CONCURRENCY_PROMPTS)], a.soak_tokens,
-                            capture=capture_for(v, self.num_layers)) for i, v in enumerate(variants)]
+                            capture=capture_for(v, self.server.selectors)) for i, v in enumerate(variants)]
         rss_before, peak_before = self.server.rss_mb(), self.server.peak_mb()
         every = max(1, n // 10)
         points = []
@@ -487,7 +484,6 @@ class Bench:
                 self.server.wait_ready(timeout=900)
                 memory["rss_start_mb"] = self.server.rss_mb()
                 memory["peak_start_mb"] = self.server.peak_mb()
-                self.num_layers = int(self.server.capture_info.get("num_layers", 0))
                 if path is None:
                     model_name = self.server.model_id
                 log(f"server ready at {self.server.url} (model {self.server.model_id}, RSS "

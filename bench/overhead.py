@@ -32,26 +32,25 @@ from pathlib import Path
 from capture_conformance.fixtures.tiny_model import TINY_MODEL_ID
 
 TARGET = 1.05
-LOGITS = {"name": "_logits", "selector": "lm_head"}
 
 # name -> (what it captures, the target or None: reported only)
 VARIANTS = {
-    "lm_head": ("all-token _logits (lm_head), generated positions, float32, .pt", TARGET),
-    "layers": ("every decoder layer's output (model.layers[i]), generated positions, float32, .pt", TARGET),
+    "lm_head": ("all-token _logits (the model's head), generated positions, float32, .pt", TARGET),
+    "layers": ("every decoder block's output (the discovered block stack), generated positions, float32, .pt", TARGET),
     "prompt": ("_logits at every prompt position (positions: \"prompt\"), .pt", None),
     "sequence": ("_logits at every prompt and completion position (positions: \"sequence\": one more "
                  "forward step), .pt", None),
 }
 
 
-def capture_for(variant: str, num_layers: int) -> dict:
+def capture_for(variant: str, selectors) -> dict:
+    """The capture of an overhead variant; ``selectors``: the served model's head and blocks (server.Selectors)."""
     if variant == "lm_head":
-        return {"savepoints": [LOGITS], "format": "pt"}
+        return {"savepoints": [selectors.logits()], "format": "pt"}
     if variant == "layers":
-        return {"savepoints": [{"name": f"layer{i}", "selector": f"model.layers[{i}]"} for i in range(num_layers)],
-                "format": "pt"}
+        return {"savepoints": selectors.layers(), "format": "pt"}
     if variant in ("prompt", "sequence"):
-        return {"savepoints": [LOGITS], "positions": variant, "format": "pt"}
+        return {"savepoints": [selectors.logits()], "positions": variant, "format": "pt"}
     raise ValueError(f"not an overhead variant: {variant!r}")
 
 
@@ -170,7 +169,7 @@ def _timed(server, body: dict, timeout: float) -> tuple[float, int, float | None
     return ms, data["usage"]["completion_tokens"], cpu
 
 
-def measure(server, variants: list[str], pairs: int, tokens: int, num_layers: int, target: float,
+def measure(server, variants: list[str], pairs: int, tokens: int, target: float,
             warmup: int = 2, timeout: float = 600) -> dict:
     """One run: ``pairs`` interleaved pairs per variant; the variants take turns pair by pair."""
     from capture_conformance.harness.protocol.client import chat_body
@@ -178,7 +177,7 @@ def measure(server, variants: list[str], pairs: int, tokens: int, num_layers: in
     from .cli import LATENCY_PROMPT
 
     plain = chat_body(server.model_id, LATENCY_PROMPT, tokens)
-    bodies = {v: chat_body(server.model_id, LATENCY_PROMPT, tokens, capture=capture_for(v, num_layers)) for v in variants}
+    bodies = {v: chat_body(server.model_id, LATENCY_PROMPT, tokens, capture=capture_for(v, server.selectors)) for v in variants}
     for _ in range(warmup):
         for v in variants:
             _timed(server, plain, timeout)
@@ -230,10 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                                 None, threads)
     try:
         server.wait_ready(timeout=900)
-        num_layers = int(server.capture_info.get("num_layers", 0))
         for r in range(args.runs):
             try:
-                runs.append(measure(server, variants, args.pairs, args.tokens, num_layers, args.target, args.warmup))
+                runs.append(measure(server, variants, args.pairs, args.tokens, args.target, args.warmup))
             except Exception as exc:  # noqa: BLE001 - reported; the results so far are kept
                 problems.append(f"run {r + 1} failed: {exc}")
                 break

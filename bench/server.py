@@ -6,6 +6,7 @@ import io
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -32,12 +33,14 @@ class ServerHandle:
     def __init__(self, url: str, launched: ManagedServer | None = None, pid: int | None = None,
                  api_key: str | None = None):
         self.url = url.rstrip("/")
+        self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.launched = launched  # the process, when this bench started it
         self.pid = launched.process.pid if launched is not None and launched.process else pid
         self._local = threading.local()
         self.model_id: str | None = None
         self.capture_info: dict = {}
+        self.selectors: Selectors | None = None  # known once ready
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -85,6 +88,12 @@ class ServerHandle:
         models = requests.get(self.url + "/v1/models", headers=self.headers, timeout=30).json()["data"]
         entry = next((m for m in models if m["id"] == self.model_id), models[0])
         self.capture_info = entry.get("capture", {})
+        from capture_conformance.harness.protocol.client import CaptureClient
+        from capture_conformance.harness.tools.savepoints import model_layout
+
+        # The model's local copy where there is one, else the server's own list of savepoints.
+        client = CaptureClient(self.url, api_key=self.api_key, timeout_s=30)
+        self.selectors = Selectors.of(model_layout(self.model_id, client))
         return health
 
     def stop(self) -> None:
@@ -159,24 +168,40 @@ class ServerHandle:
         return torch.load(io.BytesIO(r.content), weights_only=True)
 
 
-LOGITS = {"name": "_logits", "selector": "lm_head"}
+@dataclass(frozen=True)
+class Selectors:
+    """What the bench captures, by role, in the served model's own names: its head and every block."""
+
+    head: str
+    blocks: tuple[str, ...]
+
+    @classmethod
+    def of(cls, layout) -> "Selectors":
+        """From the harness's discovered layout (``harness.tools.savepoints.model_layout``): no module name assumed."""
+        return cls(layout.head, tuple(layout.block(i) for i in range(layout.num_blocks)))
+
+    def logits(self) -> dict:
+        return {"name": "_logits", "selector": self.head}
+
+    def layers(self) -> list[dict]:
+        return [{"name": f"layer{i}", "selector": block} for i, block in enumerate(self.blocks)]
 
 
-def capture_for(variant: str, num_layers: int) -> dict | None:
+def capture_for(variant: str, selectors: Selectors) -> dict | None:
     """The ``capture`` object of a server variant (None: no capture)."""
+    logits = selectors.logits()
     if variant == "server-none":
         return None
     if variant == "server-logits-pt":
-        return {"savepoints": [LOGITS], "format": "pt"}
+        return {"savepoints": [logits], "format": "pt"}
     if variant == "server-logits-safetensors":
-        return {"savepoints": [LOGITS], "format": "safetensors"}
+        return {"savepoints": [logits], "format": "safetensors"}
     if variant == "server-logits-layers":
-        layers = [{"name": f"layer{i}", "selector": f"model.layers[{i}]"} for i in range(num_layers)]
-        return {"savepoints": [LOGITS, *layers], "format": "pt"}
+        return {"savepoints": [logits, *selectors.layers()], "format": "pt"}
     if variant == "server-logits-last":
-        return {"savepoints": [LOGITS], "tokens": "last", "format": "pt"}
+        return {"savepoints": [logits], "tokens": "last", "format": "pt"}
     if variant == "server-prompt-logits":
-        return {"savepoints": [LOGITS], "positions": "prompt", "format": "pt"}
+        return {"savepoints": [logits], "positions": "prompt", "format": "pt"}
     if variant == "server-sequence-logits":
-        return {"savepoints": [LOGITS], "positions": "sequence", "format": "pt"}
+        return {"savepoints": [logits], "positions": "sequence", "format": "pt"}
     raise ValueError(f"not a server variant: {variant!r}")

@@ -20,16 +20,16 @@ LATENCY_VARIANTS: list[Variant] = [
     Variant("hf-generate", "anchor",
             "plain transformers generate, greedy, called as the server calls it; no server, no nnsight"),
     Variant("hf-hooks-logits", "anchor",
-            "the same generate with a forward hook on lm_head keeping each step's last position "
+            "the same generate with a forward hook on the head keeping each step's last position "
             "(cloned, float32), stacked and moved to the CPU at the end: capture done by hand"),
     Variant("nnsight-logits", "anchor",
-            "nnsight generate in this process, one invoke, per-step loop saving lm_head's last position "
+            "nnsight generate in this process, one invoke, per-step loop saving the head's last position "
             "(cloned, float32), stacked and moved to the CPU: nnsight's own cost, no HTTP, no files"),
     Variant("server-none", "server", "reference server, chat request without capture"),
-    Variant("server-logits-pt", "server", "reference server, all-token _logits (lm_head), float32, .pt"),
+    Variant("server-logits-pt", "server", "reference server, all-token _logits (the model's head), float32, .pt"),
     Variant("server-logits-safetensors", "server", "reference server, all-token _logits, float32, safetensors"),
     Variant("server-logits-layers", "server",
-            "reference server, all-token _logits plus every decoder layer's output (model.layers[i]), .pt"),
+            "reference server, all-token _logits plus every decoder block's output (discovered), .pt"),
     Variant("server-logits-last", "server", "reference server, _logits with tokens: \"last\" (one step kept), .pt"),
     Variant("server-prompt-logits", "server",
             "reference server, _logits at every prompt position (positions: \"prompt\", [1, P, V]), .pt"),

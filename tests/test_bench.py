@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from capture_conformance.bench import stats
-from capture_conformance.bench.server import capture_for
+from capture_conformance.bench.server import Selectors, capture_for
 from capture_conformance.bench.variants import RATIOS, VARIANT_NAMES, concurrency_name, parse_int_list, round_robin, select
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,12 +128,27 @@ def test_variant_selection_and_order():
     assert select(["server-k1", "server-k8"], ["server-k8"]) == ["server-k8"]
 
 
-def test_capture_bodies():
-    assert capture_for("server-none", 2) is None
-    assert capture_for("server-logits-safetensors", 2)["format"] == "safetensors"
-    assert capture_for("server-logits-last", 2)["tokens"] == "last"
-    layers = capture_for("server-logits-layers", 3)["savepoints"]
-    assert [sp["selector"] for sp in layers] == ["lm_head", "model.layers[0]", "model.layers[1]", "model.layers[2]"]
+# A GPT-NeoX-Japanese-like layout as a server lists it: the bench must capture its head and blocks, whatever their names.
+NEOX_LIST = ["embed_out", "gpt_neox_japanese.embed_in", "gpt_neox_japanese.final_layer_norm",
+             *[f"gpt_neox_japanese.layers.{i}{sub}" for i in range(3)
+               for sub in ("", ".attention", ".mlp", ".mlp.dense_4h_to_h", ".input_layernorm")]]
+
+
+def _selectors():
+    from capture_conformance.harness.protocol.layout import layout_from_selectors
+
+    return Selectors.of(layout_from_selectors(NEOX_LIST))
+
+
+def test_capture_bodies_use_the_discovered_head_and_blocks():
+    selectors = _selectors()
+    assert capture_for("server-none", selectors) is None
+    assert capture_for("server-logits-safetensors", selectors)["format"] == "safetensors"
+    assert capture_for("server-logits-last", selectors)["tokens"] == "last"
+    layers = capture_for("server-logits-layers", selectors)["savepoints"]
+    # From a server's list the head is the protocol's alias: the name rules do not know embed_out is it.
+    assert [sp["selector"] for sp in layers] == ["logits", "gpt_neox_japanese.layers[0]",
+                                                 "gpt_neox_japanese.layers[1]", "gpt_neox_japanese.layers[2]"]
 
 
 def test_shape_model_build(tmp_path, monkeypatch):
@@ -238,12 +253,13 @@ def test_overhead_gate_fails_only_beyond_target_plus_noise():
 def test_overhead_capture_bodies():
     from capture_conformance.bench import overhead
 
-    assert overhead.capture_for("lm_head", 2)["savepoints"] == [{"name": "_logits", "selector": "lm_head"}]
-    assert [sp["selector"] for sp in overhead.capture_for("layers", 2)["savepoints"]] == ["model.layers[0]",
-                                                                                        "model.layers[1]"]
-    assert overhead.capture_for("sequence", 2)["positions"] == "sequence"
+    selectors = _selectors()
+    assert overhead.capture_for("lm_head", selectors)["savepoints"] == [{"name": "_logits", "selector": "logits"}]
+    assert [sp["selector"] for sp in overhead.capture_for("layers", selectors)["savepoints"]] == [
+        "gpt_neox_japanese.layers[0]", "gpt_neox_japanese.layers[1]", "gpt_neox_japanese.layers[2]"]
+    assert overhead.capture_for("sequence", selectors)["positions"] == "sequence"
     with pytest.raises(ValueError):
-        overhead.capture_for("nothing", 2)
+        overhead.capture_for("nothing", selectors)
 
 
 def run_overhead(tmp_path, *args, timeout=600):
