@@ -148,3 +148,73 @@ def test_the_pool_refuses_what_is_not_a_plain_closed_file(tmp_path):
     assert pool.keep(tmp_path / "target") and not (tmp_path / "target").exists()
     assert not pool.take(tmp_path / "missing-dir" / "x", 10)  # a failed rename gives no file
     assert len(pool) == 0 and pool.bytes == 0
+
+
+def _paused_download(url: str):
+    """A GET whose client reads its headers and then stops: a small receive buffer keeps the server's file open.
+
+    Returns (first bytes of the body, a function reading the rest, the body's length).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # before connecting: the window stays small
+    sock.connect((parts.hostname, parts.port))
+    sock.sendall(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.hostname}\r\nConnection: close\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1 << 16)
+    head, body = head.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+
+    def rest() -> bytes:
+        data = bytearray(body)
+        while len(data) < length:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        sock.close()
+        return bytes(data)
+
+    return rest, length
+
+
+def test_through_the_server_a_download_outlives_its_delete_and_the_next_capture(tmp_path, tiny_model_dir):
+    """A real server: a download paused after its headers, its run DELETEd, then a capture of the same size.
+
+    The new capture would be written over the deleted run's file if the pool took a file
+    still being read; the paused download must still get the old bytes, whole.
+    """
+    import io
+
+    import requests
+
+    from conftest import ServerProcess, chat_body
+
+    chat = "/v1/chat/completions"
+    body = chat_body(max_tokens=32, store_activations=True)  # 19 MiB of logits, against 4 MiB of socket buffers
+    with ServerProcess(tmp_path) as server:
+        first = requests.post(server.url + chat, json=body, timeout=120).json()
+        url = server.url + first["activations_meta"]["_logits"]["url"]
+        expected = requests.get(url, timeout=60).content
+        rest, length = _paused_download(url)
+        assert requests.delete(f"{server.url}/v1/activations/{first['activation_run_id']}",
+                               timeout=60).status_code == 204
+        other = chat_body("Tell me a short story about an owl.", max_tokens=32, store_activations=True)  # other bytes
+        second = requests.post(server.url + chat, json=other, timeout=120).json()
+        assert second["activations_meta"]["_logits"]["shape"] == first["activations_meta"]["_logits"]["shape"]
+        got = rest()
+        assert length == len(expected) and got == expected
+        # With nobody reading, the next DELETE does give its file to the capture after it.
+        assert requests.delete(f"{server.url}/v1/activations/{second['activation_run_id']}",
+                               timeout=60).status_code == 204
+        spare = server.storage_dir / ".staging" / "spare"
+        assert len(list(spare.iterdir())) == 1
+        third = requests.post(server.url + chat, json=body, timeout=120).json()
+        assert list(spare.iterdir()) == []
+        data = requests.get(server.url + third["activations_meta"]["_logits"]["url"], timeout=60).content
+        assert list(torch.load(io.BytesIO(data), weights_only=True).shape) == third["activations_meta"]["_logits"]["shape"]
