@@ -15,15 +15,20 @@ its family's style:
     opt    OPTForCausalLM         model.decoder.layers.N  </s> as bos, "User: ..." lines
     llama  LlamaForCausalLM       model.layers.N     Llama 3 headers (<|start_header_id|>, <|eot_id|>)
     phi3   Phi3ForCausalLM        model.layers.N     <|user|> ... <|end|> (fused qkv_proj, gate_up_proj)
+    gemma  GemmaForCausalLM       model.layers.N     <start_of_turn>user ... <end_of_turn> (tied head, one KV head)
+    mistral MistralForCausalLM    model.layers.N     [INST] ... [/INST] answer</s>
+    neox-japanese GPTNeoXJapaneseForCausalLM  gpt_neox_japanese.layers.N  head embed_out; "ユーザー:" turns
 
 The server itself assumes no architecture: selectors resolve against the
 model's ``named_modules()`` (``a.b[3]`` and ``a.b.3`` alike, ``.output`` or
 ``.input``), the protocol's alias ``logits`` is ``get_output_embeddings()``'s
 path, ``/v1/models`` lists the modules that give a per-token tensor (found by a
 forward pass at start-up, in execution order), and the sizes come from the
-config through transformers' attribute names. It implements protocol v1 as
-written in ``docs/protocol.md``, so the harness must pass it, on its first run,
-with no snapshot set for its model.
+config through transformers' attribute names. It implements protocol v1 and
+1.1's positions (``prompt``, ``sequence``: its own decode loop keeps the
+prefill pass whole and feeds the last completion token once more) as written in
+``docs/protocol.md``, so the harness must pass it, on its first run, with no
+snapshot set for its model, the positions area included.
 
 ``--defect NAME`` (repeatable) makes it misbehave the way deployed servers do,
 so the harness's tests can check that the report names each defect:
@@ -69,6 +74,7 @@ DEFECTS = ("four_d_logits", "list_of_steps", "truncated_file", "zero_usage", "re
 NAME_RE = re.compile(r"[A-Za-z0-9_.\[\]-]{1,128}")
 SEGMENT_RE = re.compile(r"(?:([A-Za-z][A-Za-z0-9_]*)|(\d+))(?:\[(\d+)\])?")
 DTYPES = ("float32", "bfloat16", "float16")
+POSITIONS = ("generated", "prompt", "sequence")  # protocol 1.1
 HEAD_ALIAS = "logits"  # the protocol's name for the output head, whatever the module is called
 SEED = 20261201
 WIDE_INIT = 0.6  # a wide init, so that greedy output depends on the prompt instead of one token forever
@@ -150,6 +156,36 @@ def _phi3(ids, arch):
                       pad_token_id=ids["<|endoftext|>"])
 
 
+def _gemma(ids, arch):
+    from transformers import GemmaConfig
+
+    # Gemma: tied head, embeddings scaled by sqrt(hidden), GELU MLP, one KV head (multi-query).
+    return GemmaConfig(vocab_size=arch.vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+                       tie_word_embeddings=True, initializer_range=WIDE_INIT, bos_token_id=ids["<bos>"],
+                       eos_token_id=ids["<end_of_turn>"], pad_token_id=ids["<pad>"])
+
+
+def _mistral(ids, arch):
+    from transformers import MistralConfig
+
+    return MistralConfig(vocab_size=arch.vocab, hidden_size=80, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=20, max_position_embeddings=1024,
+                         sliding_window=None, tie_word_embeddings=False, initializer_range=WIDE_INIT,
+                         bos_token_id=ids["<s>"], eos_token_id=ids["</s>"])
+
+
+def _neox_japanese(ids, arch):
+    from transformers import GPTNeoXJapaneseConfig
+
+    # Its head is still called embed_out (GPT-NeoX's became lm_head in transformers 5), and it is untied here.
+    return GPTNeoXJapaneseConfig(vocab_size=arch.vocab, hidden_size=72, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_multiple_size=2, max_position_embeddings=1024, attention_dropout=0.0,
+                                 tie_word_embeddings=False, initializer_range=WIDE_INIT,
+                                 bos_token_id=ids["<|startoftext|>"], eos_token_id=ids["<|endoftext|>"],
+                                 pad_token_id=ids["<|padding|>"])
+
+
 ARCHS: dict[str, Arch] = {
     "qwen3": Arch(
         1536, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
@@ -193,6 +229,31 @@ ARCHS: dict[str, Arch] = {
         ("<|endoftext|>", "<|end|>"),
         "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}", _phi3),
+    # Gemma's turn markers; a system message is folded into the user turn (Gemma has no system role).
+    "gemma": Arch(
+        1472, ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+        {"bos_token": "<bos>", "eos_token": "<end_of_turn>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        ("<end_of_turn>", "<eos>"),
+        "{{ bos_token }}{% for message in messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+        "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}", _gemma),
+    # Mistral's instruction format: the answer follows [/INST] and ends with </s>.
+    "mistral": Arch(
+        1344, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, ("</s>",),
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+        "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}{% endfor %}", _mistral),
+    # rinna-style turns ("ユーザー:" / "システム:" split by <NL>), as served for GPT-NeoX-Japanese models.
+    "neox-japanese": Arch(
+        1280, ("<|endoftext|>", "<|startoftext|>", "<|padding|>", "<NL>"),
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
+         "unk_token": "<|endoftext|>"}, ("<|endoftext|>",),
+        "{% for message in messages %}{% if not loop.first %}<NL>{% endif %}"
+        "{% if message['role'] == 'assistant' %}システム: {{ message['content'] }}{{ eos_token }}"
+        "{% else %}ユーザー: {{ message['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<NL>システム:{% endif %}", _neox_japanese),
 }
 
 
@@ -277,9 +338,10 @@ def _layout(value, positions: int) -> str | None:
     return "flat" if value.shape[0] == positions else None
 
 
-def _last_position(value, layout: str):
-    """[1, ...] of the pass's last position."""
-    return value[-1:] if layout == "flat" else value[:, -1]
+def _positions(value, layout: str, last_only: bool):
+    """[1, T, ...] of the pass's positions (only its last one, [1, 1, ...], with ``last_only``)."""
+    batch = value.unsqueeze(0) if layout == "flat" else value
+    return batch[:, -1:] if last_only else batch
 
 
 class Engine:
@@ -385,12 +447,16 @@ class Engine:
     # -- generation -----------------------------------------------------------------------------
 
     def generate(self, prompt_ids: list[int], max_new: int, *, stop: list[str], temperature: float,
-                 top_p: float, seed: int | None, savepoints: list[tuple[str, object, str]]):
+                 top_p: float, seed: int | None, savepoints: list[tuple[str, object, str]],
+                 positions: str = "generated"):
+        """Ids, text, finish reason and per savepoint its passes' values: [1, T, ...] each, T = 1 but for the
+        prefill of a prompt or sequence capture (every prompt position); a sequence capture gets one more
+        pass, over the last completion token, which generation alone never feeds."""
         with self.lock:  # hooks fire for every forward pass: no other request's pass may run meanwhile
             return self._generate(prompt_ids, max_new, stop=stop, temperature=temperature, top_p=top_p, seed=seed,
-                                  savepoints=savepoints)
+                                  savepoints=savepoints, positions=positions)
 
-    def _generate(self, prompt_ids, max_new, *, stop, temperature, top_p, seed, savepoints):
+    def _generate(self, prompt_ids, max_new, *, stop, temperature, top_p, seed, savepoints, positions):
         torch = self.torch
         steps: dict[str, list] = {name: [] for name, _, _ in savepoints}
         paths = {id(module): path for path, module in self.modules.items()}
@@ -403,7 +469,8 @@ class Engine:
                 value = self._input_of(path, args, kwargs) if where == "input" else output
                 if isinstance(value, (tuple, list)):
                     value = value[0]
-                steps[name].append(_last_position(value, layout).detach().clone())  # the pass's last position
+                whole = positions != "generated" and not steps[name]  # the prefill of a prompt or sequence capture
+                steps[name].append(_positions(value, layout, last_only=not whole).detach().clone())
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         try:
@@ -435,6 +502,8 @@ class Engine:
                         finish = "stop"
                         break
                     feed = torch.tensor([[token]])
+                if positions == "sequence" and ids:  # position P+N-1: the last completion token as input
+                    self.model(input_ids=torch.tensor([[ids[-1]]]), use_cache=True, **{self.cache_arg: past})
         finally:
             for handle in handles:
                 handle.remove()
@@ -497,7 +566,7 @@ class Handler(BaseHTTPRequestHandler):
     def _get(self):
         engine = self.engine
         if self.path == "/health":
-            health = {"status": "ok", "loaded_models": [engine.model_id], "protocol": "1"}
+            health = {"status": "ok", "loaded_models": [engine.model_id], "protocol": "1.1"}
             if self.family == "store_activations":
                 del health["protocol"]
             return self._send(200, health)
@@ -508,7 +577,9 @@ class Handler(BaseHTTPRequestHandler):
                 "id": engine.model_id, "object": "model", "created": 0, "owned_by": "other-stack",
                 "capture": {"vocab_size": engine.vocab_size, "hidden_size": engine.hidden_size,
                             "num_layers": engine.num_layers, "dtype": "float32",
-                            "savepoints": engine.savepoints()}}]})
+                            "savepoints": engine.savepoints(),
+                            # What of the optional features it has (no streaming).
+                            "features": ["prompt", "sequence", "safetensors", "bfloat16", "float16"]}}]})
         match = re.fullmatch(r"/v1/activations/([0-9a-f]{32})/([A-Za-z0-9_.\[\]%-]{1,200})", self.path)
         if match:
             manifest = self.storage / match.group(1) / "manifest.json"
@@ -560,7 +631,7 @@ class Handler(BaseHTTPRequestHandler):
             gen, _, _, captured = engine.generate(ids, steps, stop=[], temperature=0, top_p=1.0, seed=None,
                                                   savepoints=[("_logits", head, where)])
             return self._send(200, {"success": True, "logits_shape": [1, len(captured["_logits"]),
-                                                                      engine.vocab_size],
+                                                                      engine.vocab_size],  # a pass each
                                     "logits_dtype": "torch.float32",
                                     "generated_text": engine.tokenizer.decode(gen, skip_special_tokens=True)})
         if self.path == "/v1/chat/completions":
@@ -610,7 +681,8 @@ class Handler(BaseHTTPRequestHandler):
         seed = body.get("seed")
         ids, text, finish, steps = engine.generate(
             prompt_ids, max_tokens, stop=stop, temperature=float(temperature), top_p=float(top_p),
-            seed=seed if isinstance(seed, int) else None, savepoints=capture["savepoints"] if capture else [])
+            seed=seed if isinstance(seed, int) else None, savepoints=capture["savepoints"] if capture else [],
+            positions=capture["positions"] if capture else "generated")
         completion_tokens = len(ids)
         if "zero_usage" in engine.defects:
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -627,6 +699,8 @@ class Handler(BaseHTTPRequestHandler):
         }
         if capture is not None:
             answer.update(self._store(capture, ids, steps))
+            if self.family == "protocol-v1":
+                answer["prompt_token_ids"] = prompt_ids  # protocol 1.1: the ids the model was fed
         self._send(200, answer)
 
     def _capture_request(self, body: dict):
@@ -637,9 +711,13 @@ class Handler(BaseHTTPRequestHandler):
         options = {} if options is None else options
         if not isinstance(options, dict):
             raise BadRequest(422, "capture must be an object")
-        unknown = set(options) - {"savepoints", "tokens", "dtype", "format"}
+        known = {"savepoints", "tokens", "dtype", "format"} | ({"positions"} if self.family == "protocol-v1" else set())
+        unknown = set(options) - known
         if unknown:
             raise BadRequest(422, f"unknown capture options {sorted(unknown)}")
+        positions = options.get("positions", "generated")
+        if positions not in POSITIONS:
+            raise BadRequest(422, f"positions must be one of {list(POSITIONS)}, not {positions!r}")
         tokens = options.get("tokens", "all")
         dtype = options.get("dtype", "float32")
         file_format = options.get("format", "pt")
@@ -670,7 +748,7 @@ class Handler(BaseHTTPRequestHandler):
         if "list_of_steps" in engine.defects:
             raise RuntimeError("cannot save a list of per-step tensors")  # the defect: answered 500
         return {"savepoints": savepoints, "selectors": selectors, "tokens": tokens, "dtype": dtype,
-                "format": file_format}
+                "format": file_format, "positions": positions}
 
     def _store(self, capture: dict, ids: list[int], steps: dict) -> dict:
         torch = self.engine.torch
@@ -680,12 +758,17 @@ class Handler(BaseHTTPRequestHandler):
         run_dir.mkdir(parents=True)
         meta, files = {}, {}
         for index, (name, _, _) in enumerate(capture["savepoints"]):
-            per_step = steps[name]
+            passes = steps[name]
+            if capture["positions"] == "prompt":
+                tensor = passes[0]  # [1, P, D]: the prefill
+            elif capture["positions"] == "sequence":
+                tensor = torch.cat(passes, dim=1)  # [1, P + N, D]: the prefill, then each later pass
+            else:
+                tensor = torch.cat(passes[:len(ids)], dim=1)  # [1, N, D]: the pass that produced each token
             if capture["tokens"] == "first":
-                per_step = per_step[:1]
+                tensor = tensor[:, :1].clone()  # a slice saved as is writes its whole storage
             elif capture["tokens"] == "last":
-                per_step = per_step[-1:]
-            tensor = torch.stack(per_step, dim=1)  # [1, N, D]
+                tensor = tensor[:, -1:].clone()
             if "probability_logits" in defects and capture["selectors"][name] in (HEAD_ALIAS, self.engine.head_path):
                 tensor = tensor.float().softmax(-1)
             tensor = tensor.to(getattr(torch, capture["dtype"])).contiguous()
@@ -708,11 +791,11 @@ class Handler(BaseHTTPRequestHandler):
                                         else str(run_dir / file)),
                           "url": f"/v1/activations/{run_id}/{name}",
                           "selector": capture["selectors"][name], "tokens": capture["tokens"],
-                          "format": capture["format"]}
+                          "format": capture["format"], "positions": capture["positions"]}
         (run_dir / "manifest.json").write_text(json.dumps(files))
         if self.family == "store_activations":
             for entry in meta.values():
-                for key in ("url", "selector", "tokens", "format"):
+                for key in ("url", "selector", "tokens", "format", "positions"):
                     entry.pop(key)
             return {"activations_meta": meta}
         return {"activation_run_id": run_id, "completion_token_ids": ids, "activations_meta": meta}

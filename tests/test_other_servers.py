@@ -89,7 +89,8 @@ def _true_sizes(model_dir: Path) -> dict:
 
 
 # family, profile, and whether the snapshots it recorded are then compared (and missing in a CI run): the full
-# profile and the regression round on GPT-2 (the family of the issue), the core profile on the others.
+# profile and the regression round on GPT-2 (the family of the issue), the core profile on the others; Gemma
+# (tied head, scaled embeddings, one KV head) and Mistral in the matrix tier, which holds whole runs per case.
 ARCH_RUNS = [
     pytest.param("gpt2", "full", True, id="gpt2"),
     pytest.param("qwen3", "core", False, id="qwen3"),
@@ -97,6 +98,9 @@ ARCH_RUNS = [
     pytest.param("neox", "core", False, id="neox"),
     pytest.param("opt", "core", False, id="opt"),
     pytest.param("phi3", "core", False, id="phi3"),
+    pytest.param("gemma", "core", False, id="gemma", marks=pytest.mark.matrix),
+    pytest.param("mistral", "core", False, id="mistral", marks=pytest.mark.matrix),
+    pytest.param("neox-japanese", "core", False, id="neox-japanese", marks=pytest.mark.matrix),
 ]
 SNAPSHOTS = 4  # shape snapshots the core and full profiles record
 
@@ -123,6 +127,10 @@ def test_a_correct_server_on_another_stack_passes_on_its_first_run_and_its_snaps
         outcomes = _outcomes(report)
         assert outcomes["test_stop_string_ends_the_completion_before_it"] == "passed", outcomes
         assert outcomes["test_early_end_of_sequence_ends_the_capture_too"] == "passed", outcomes
+        # Every area ran, the positions area included: it declares prompt and sequence (protocol 1.1), so no
+        # positions test may skip, whatever the family calls its modules.
+        positions = {t["nodeid"]: t["outcome"] for t in report["tests"] if "test_positions.py" in t["nodeid"]}
+        assert len(positions) >= 5 and set(positions.values()) == {"passed"}, positions
         if not regression:
             return
 
