@@ -608,14 +608,28 @@ class CaptureModel:
         captured: list[list] = [[] for _ in plan]
         calls = [0] * len(plan)
         handles = []
+        # All-token captures of generated positions: each step's last position is copied into one
+        # buffer of every step, made at the first (no allocation per step, no stack at the end:
+        # 4.5 ms instead of 9.4 for a 32-step head capture, docs/performance.md). The values are
+        # _keep_step's: the same slice, the same conversion to the capture dtype.
+        into_buffer = request.tokens == "all" and request.positions == "generated"
+        buffers: list[torch.Tensor | None] = [None] * len(plan)
+        kept = [0] * len(plan)
 
         def hook_for(slot: int):
             def hook(module, args, output) -> None:
                 calls[slot] += 1
                 if calls[slot] > steps:  # nnsight's tracer.iter[:steps] stops there too
                     return
-                if _wants_step(captured[slot], request, True):
-                    _keep_step(_first_tensor(output), captured[slot], request, True)
+                value = _first_tensor(output)
+                if into_buffer:
+                    if buffers[slot] is None:
+                        buffers[slot] = torch.empty((value.shape[0], steps, *value.shape[2:]),
+                                                    dtype=request.capture_dtype, device=value.device)
+                    buffers[slot][:, kept[slot]].copy_(value[:, -1].detach())
+                    kept[slot] += 1
+                elif _wants_step(captured[slot], request, True):
+                    _keep_step(value, captured[slot], request, True)
             return hook
 
         try:
@@ -627,6 +641,8 @@ class CaptureModel:
         finally:
             for handle in handles:
                 handle.remove()
+        if into_buffer:  # _select cuts the one chunk to the tokens generated (a copy only when fewer)
+            captured = [[buffer[:, :n]] if buffer is not None else [] for buffer, n in zip(buffers, kept)]
         return self._generation(0, request, result, plan, captured, stopper, late, width, limits, True)
 
     @staticmethod
