@@ -272,3 +272,61 @@ def test_ground_truth_prefers_the_model_config_then_the_options_then_the_server(
     assert from_server.from_server == ["vocab_size", "hidden_size", "num_layers"]
     assert from_server.source == SOURCE_SERVER and not from_server.independent
     assert from_server.tokenizer is None and "no local copy" in from_server.tokenizer_note
+
+
+class _ClosingServer:
+    """Closes the first ``drops`` requests' connections without a byte of answer, then answers 200."""
+
+    def __init__(self, drops: int):
+        import socket
+        import threading
+
+        self.drops, self.requests = drops, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if not data:
+                    continue
+                self.requests += 1
+                if self.requests <= self.drops:
+                    continue  # closed: the client sees "Remote end closed connection without response"
+                body = b'{"status": "ok"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_connection_closed_before_any_answer_is_sent_once_more():
+    """The kept-alive connection a server closed as idle just as a request went out: sent again, once."""
+    server = _ClosingServer(drops=1)
+    try:
+        answer = CaptureClient(server.url, timeout_s=10).get("/health")
+        assert answer.status == 200 and server.requests == 2
+    finally:
+        server.close()
+
+
+def test_a_server_that_drops_the_request_itself_is_reported_after_one_resend():
+    server = _ClosingServer(drops=10)
+    try:
+        with pytest.raises(ServerFault, match="closed connection without response"):
+            CaptureClient(server.url, timeout_s=10).post("/v1/chat/completions", json={})
+        assert server.requests == 2
+    finally:
+        server.close()

@@ -10,6 +10,7 @@ instead of a ``JSONDecodeError`` or ``KeyError`` from inside the harness.
 
 from __future__ import annotations
 
+import http.client
 import json as jsonlib
 import time
 from dataclasses import dataclass, field
@@ -158,25 +159,33 @@ class CaptureClient:
         if not authorized:
             send_headers["Authorization"] = None  # requests drops a session header set to None for this request
         started = time.monotonic()
-        try:
-            response = self.session.request(
-                method,
-                self.url(path),
-                json=json,
-                data=data,
-                headers=send_headers,
-                timeout=(min(CONNECT_TIMEOUT_S, timeout), timeout),
-                stream=True,
-                allow_redirects=False,
-            )
-            with response:
-                content = read_capped(response, max_bytes=max_bytes, deadline=started + timeout, what=endpoint)
-        except requests.Timeout:
-            raise ServerFault(f"{endpoint} got no answer within {timeout:g} s (--request-timeout)") from None
-        except requests.ConnectionError as exc:
-            raise ServerFault(self._connection_message(endpoint, exc)) from None
-        except requests.RequestException as exc:
-            raise ServerFault(f"{endpoint} failed: {type(exc).__name__}: {exc}") from None
+        for attempt in (1, 2):
+            try:
+                response = self.session.request(
+                    method,
+                    self.url(path),
+                    json=json,
+                    data=data,
+                    headers=send_headers,
+                    timeout=(min(CONNECT_TIMEOUT_S, timeout), timeout),
+                    stream=True,
+                    allow_redirects=False,
+                )
+                with response:
+                    content = read_capped(response, max_bytes=max_bytes, deadline=started + timeout, what=endpoint)
+                break
+            except requests.Timeout:
+                raise ServerFault(f"{endpoint} got no answer within {timeout:g} s (--request-timeout)") from None
+            except requests.ConnectionError as exc:
+                # A kept-alive connection the server closed as idle just as this request went out: the
+                # server never read it. Sent once more on a new connection, as browsers resend a request
+                # whose reused connection closed before any byte of an answer; a server that drops the
+                # request itself drops it again and is reported.
+                if attempt == 1 and _closed_before_answering(exc):
+                    continue
+                raise ServerFault(self._connection_message(endpoint, exc)) from None
+            except requests.RequestException as exc:
+                raise ServerFault(f"{endpoint} failed: {type(exc).__name__}: {exc}") from None
         answer = Answer(method, path, response.status_code, response.headers, content, time.monotonic() - started)
         for observer in list(self.observers):
             observer(answer)
@@ -265,6 +274,22 @@ class CaptureClient:
             if extra:
                 message += "\n" + extra
         return message
+
+
+def _closed_before_answering(exc: BaseException) -> bool:
+    """Whether the connection closed before any byte of an answer (http.client's RemoteDisconnected)."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, http.client.RemoteDisconnected):
+            return True
+        stack += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
+        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return False
 
 
 def read_capped(response: requests.Response, *, max_bytes: int, deadline: float, what: str) -> bytes:
