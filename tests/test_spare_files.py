@@ -120,15 +120,20 @@ def test_a_restart_keeps_no_spare(tmp_path):
 
 def test_evicted_runs_are_recycled_too(tmp_path):
     one = _tensor(10)
-    _, probe = _write(RunStore(tmp_path / "probe", recycle_bytes=0), one)
-    store = RunStore(tmp_path / "s", max_bytes=int(2.5 * (os.path.getsize(probe) + 4096)))
-    first = _write(store, one)[1]
-    inode = os.stat(first).st_ino
-    for seed in range(3):  # the oldest runs are evicted to the janitor, which keeps their files
-        _write(store, _tensor(11 + seed))
-        assert store.wait_janitor()
-    inodes = {os.stat(p).st_ino for p in (tmp_path / "s").glob("*/sp0.pt")}
-    assert inode in inodes or inode in {os.stat(p).st_ino for p in (tmp_path / "s" / ".staging" / "spare").iterdir()}
+    run_bytes = _run_bytes(tmp_path, one)
+    unlimited = RunStore(tmp_path / "s")
+    for _ in range(3):
+        _write(unlimited, one)
+    # Restarted over its limit: the janitor evicts the oldest runs with no write to take their files.
+    store = RunStore(tmp_path / "s", max_bytes=int(1.5 * run_bytes))
+    assert store.wait_janitor()
+    assert len(store._spares) == 1 and store.spare_bytes() == os.path.getsize(probe_file(tmp_path, one))
+    assert len(list((tmp_path / "s" / ".staging" / "spare").iterdir())) == 1
+
+
+def probe_file(tmp_path, tensor: torch.Tensor):
+    """The tensor file of the probe run _run_bytes wrote for ``tensor``."""
+    return next((tmp_path / f"probe-{tensor.shape[1]}").glob("*/sp0.pt"))
 
 
 def test_the_pool_refuses_what_is_not_a_plain_closed_file(tmp_path):
